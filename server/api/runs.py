@@ -1,0 +1,136 @@
+"""Run routes: lifecycle, logging (params, metrics, tags, batches), inputs/outputs and search."""
+
+from __future__ import annotations
+
+from server.api.message import Message
+from server.api.routing import json_route
+from server.store.tracking import RUN_STATUSES, VIEW_TYPES
+
+
+def run_id_of(msg: Message) -> str:
+    """Clients send `run_id`, older ones `run_uuid`; either is accepted."""
+    run_id = msg.str("run_id") or msg.str("run_uuid")
+    if not run_id:
+        raise Message.missing("run_id")
+    return run_id
+
+
+def _pairs(msg: Message, field: str) -> list[tuple[str, str]]:
+    return [(m.str("key", required=True), m.str("value", default="")) for m in msg.objects(field)]
+
+
+def _param_pairs(msg: Message) -> list[tuple[str, str]]:
+    # Params arrive as strings; tolerate numbers from hand-written clients by stringifying them.
+    return [(m.str("key", required=True), _as_text(m.raw("value"))) for m in msg.objects("params")]
+
+
+def _as_text(value) -> str:
+    return "" if value is None else value if isinstance(value, str) else str(value)
+
+
+def metric_point(m: Message) -> dict:
+    return {"key": m.str("key", required=True), "value": m.float("value", required=True),
+            "timestamp": m.int("timestamp", required=True), "step": m.int("step", default=0),
+            "model_id": m.str("model_id"), "dataset_name": m.str("dataset_name"),
+            "dataset_digest": m.str("dataset_digest")}
+
+
+def create(msg: Message, ctx) -> dict:
+    run = ctx.store.create_run(msg.str("experiment_id"), msg.str("user_id"), msg.int("start_time"),
+                               msg.str("run_name"), _pairs(msg, "tags"))
+    return {"run": run}
+
+
+def get(msg: Message, ctx) -> dict:
+    return {"run": ctx.store.get_run(run_id_of(msg))}
+
+
+def update(msg: Message, ctx) -> dict:
+    info = ctx.store.update_run(run_id_of(msg), msg.enum("status", RUN_STATUSES), msg.int("end_time"),
+                                msg.str("run_name"))
+    return {"run_info": info}
+
+
+def delete(msg: Message, ctx) -> dict:
+    ctx.store.delete_run(run_id_of(msg))
+    return {}
+
+
+def restore(msg: Message, ctx) -> dict:
+    ctx.store.restore_run(run_id_of(msg))
+    return {}
+
+
+def log_metric(msg: Message, ctx) -> dict:
+    ctx.store.log_batch(run_id_of(msg), [metric_point(msg)], [], [])
+    return {}
+
+
+def log_param(msg: Message, ctx) -> dict:
+    ctx.store.log_batch(run_id_of(msg), [], [(msg.str("key", required=True), _as_text(msg.raw("value")))],
+                        [])
+    return {}
+
+
+def set_tag(msg: Message, ctx) -> dict:
+    ctx.store.log_batch(run_id_of(msg), [], [], [(msg.str("key", required=True),
+                                                  msg.str("value", default=""))])
+    return {}
+
+
+def delete_tag(msg: Message, ctx) -> dict:
+    ctx.store.delete_tag(run_id_of(msg), msg.str("key", required=True))
+    return {}
+
+
+def log_batch(msg: Message, ctx) -> dict:
+    ctx.store.log_batch(run_id_of(msg), [metric_point(m) for m in msg.objects("metrics")],
+                        _param_pairs(msg), _pairs(msg, "tags"))
+    return {}
+
+
+def log_inputs(msg: Message, ctx) -> dict:
+    dataset_inputs = []
+    for item in msg.objects("datasets"):
+        dataset = item.object("dataset")
+        if dataset is None:
+            raise Message.missing("datasets.dataset")
+        fields = {f: dataset.str(f) for f in ("name", "digest", "source_type", "source", "schema", "profile")}
+        dataset_inputs.append({"dataset": fields, "tags": dict(_pairs(item, "tags"))})
+    model_ids = [m.str("model_id", required=True) for m in msg.objects("models")]
+    ctx.store.log_inputs(run_id_of(msg), dataset_inputs, model_ids)
+    return {}
+
+
+def log_outputs(msg: Message, ctx) -> dict:
+    outputs = [(m.str("model_id", required=True), m.int("step", default=0)) for m in msg.objects("models")]
+    ctx.store.log_outputs(run_id_of(msg), outputs)
+    return {}
+
+
+def search(msg: Message, ctx) -> dict:
+    return ctx.store.search_runs(
+        experiment_ids=msg.str_list("experiment_ids"),
+        filter_string=msg.str("filter"),
+        view_type=msg.enum("run_view_type", VIEW_TYPES, default="ACTIVE_ONLY"),
+        max_results=msg.int("max_results"),
+        order_by=msg.str_list("order_by"),
+        page_token=msg.str("page_token"),
+    )
+
+
+ROUTES = [
+    json_route("POST", "/mlflow/runs/create", create),
+    json_route("GET", "/mlflow/runs/get", get),
+    json_route("POST", "/mlflow/runs/update", update),
+    json_route("POST", "/mlflow/runs/delete", delete),
+    json_route("POST", "/mlflow/runs/restore", restore),
+    json_route("POST", "/mlflow/runs/log-metric", log_metric),
+    json_route("POST", "/mlflow/runs/log-parameter", log_param),
+    json_route("POST", "/mlflow/runs/set-tag", set_tag),
+    json_route("POST", "/mlflow/runs/delete-tag", delete_tag),
+    json_route("POST", "/mlflow/runs/log-batch", log_batch),
+    json_route("POST", "/mlflow/runs/log-inputs", log_inputs),
+    json_route("POST", "/mlflow/runs/outputs", log_outputs),
+    json_route(("POST", "GET"), "/mlflow/runs/search", search),
+]

@@ -1,0 +1,199 @@
+"""Builds the ASGI application: routing, request decoding, the error envelope, access logging, host checks.
+
+The hot path is deliberately thin: one dict lookup for the route, orjson for decoding and encoding, and
+one hop to the worker thread pool where the (blocking) store call and the encoding run together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from server.api import errors
+from server.api.message import Message
+from server.api.routing import Route, Router
+from server.config import ServerConfig
+from server.context import Context
+from server.errors import RunyardError
+
+access_log = logging.getLogger("runyard.access")
+log = logging.getLogger("runyard.server")
+
+_JSON_TYPES = ("application/json",)
+_BODY_METHODS = ("POST", "PUT")
+
+
+def all_routes() -> list[Route]:
+    from server.api import artifacts, experiments, health, metrics, models, runs
+
+    return [*health.ROUTES, *experiments.ROUTES, *runs.ROUTES, *metrics.ROUTES, *models.ROUTES,
+            *artifacts.ROUTES]
+
+
+def build_context(config: ServerConfig) -> Context:
+    from migrations.runner import ensure_schema
+    from server.artifacts import repository_for
+    from server.store.logged_models import LoggedModelStore
+    from server.store.tracking import TrackingStore
+    from server.store.uri import create_engine
+
+    engine = create_engine(config.backend_store_uri)
+    ensure_schema(engine, config.backend_store_uri)
+    store = TrackingStore(engine, config.artifact_root)
+    store.ensure_default_experiment()
+    artifacts = repository_for(config.artifacts_destination) if config.serve_artifacts else None
+    return Context(config=config, store=store, models=LoggedModelStore(store), artifacts=artifacts)
+
+
+class RunyardApp:
+    def __init__(self, config: ServerConfig, context: Context | None = None):
+        self.config = config
+        self.router = Router(all_routes())
+        self.prefix = config.static_prefix
+        self.context = context
+        self.executor = ThreadPoolExecutor(max_workers=int(os.environ.get("RUNYARD_THREADS", "16")),
+                                           thread_name_prefix="runyard")
+        self.host_allowed = host_checker(config)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            await self.handle(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self.lifespan(receive, send)
+
+    async def lifespan(self, receive, send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    if self.context is None:
+                        self.context = build_context(self.config)
+                except Exception as exc:  # refuse to serve, with a message and no traceback
+                    text = exc.message if isinstance(exc, RunyardError) else f"{type(exc).__name__}: {exc}"
+                    log.error("cannot start: %s", text)
+                    await send({"type": "lifespan.startup.failed", "message": text})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                self.executor.shutdown(wait=False, cancel_futures=True)
+                if self.context is not None:
+                    self.context.store.engine.dispose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def handle(self, scope, receive, send) -> None:
+        started = time.perf_counter()
+        request = Request(scope, receive)
+        request_id = _request_id(request)
+        status_box = [500]
+
+        async def send_with_status(message):
+            if message["type"] == "http.response.start":
+                status_box[0] = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        template = "-"
+        try:
+            if not self.host_allowed(request.headers.get("host", "")):
+                response = errors.error_response(
+                    "PERMISSION_DENIED", "Host header not allowed; add it to --allowed-hosts.")
+            else:
+                path = scope["path"]
+                if self.prefix:
+                    path = path[len(self.prefix):] if path.startswith(self.prefix + "/") else ""
+                match = self.router.match(path)
+                if match is None:
+                    response = errors.error_response(
+                        "ENDPOINT_NOT_FOUND", f"No API endpoint at {scope['path']}")
+                else:
+                    template, methods, path_params = match
+                    route = methods.get(request.method) or (
+                        methods.get("GET") if request.method == "HEAD" else None)
+                    if route is None:
+                        response = errors.error_response(
+                            "ENDPOINT_NOT_FOUND",
+                            f"Method {request.method} is not allowed for {scope['path']}")
+                        response.status_code = 405
+                    else:
+                        response = await self.dispatch(route, request, path_params)
+        except Exception as exc:  # handlers raise RunyardError for client mistakes
+            response = errors.from_exception(exc)
+        await response(scope, receive, send_with_status)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        access_log.info("%s %s %d %.1fms rid=%s", request.method, template, status_box[0], elapsed_ms,
+                        request_id)
+
+    async def dispatch(self, route: Route, request: Request, path_params: dict) -> Response:
+        if route.raw:
+            return await route.handler(request, self.context, **path_params)
+        message = await _decode(request)
+        if path_params:
+            message.data.update(path_params)
+        loop = asyncio.get_running_loop()
+        body = await loop.run_in_executor(self.executor, _call_json, route.handler, message, self.context)
+        return Response(body, media_type="application/json")
+
+
+def _call_json(handler, message: Message, context: Context) -> bytes:
+    return orjson.dumps(handler(message, context))
+
+
+async def _decode(request: Request) -> Message:
+    if request.method == "GET" or (request.method == "DELETE" and request.url.query):
+        if request.url.query:
+            return Message.from_query_items(request.query_params.multi_items())
+    body = await request.body()
+    if request.method in _BODY_METHODS:
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type not in _JSON_TYPES:
+            raise RunyardError("Bad Request. Content-Type must be one of ['application/json']",
+                               "INVALID_PARAMETER_VALUE")
+    return Message.from_json(body)
+
+
+def _request_id(request: Request) -> str:
+    given = request.headers.get("x-request-id", "")
+    if 0 < len(given) <= 64 and given.replace("-", "").isalnum():
+        return given
+    return uuid.uuid4().hex[:16]
+
+
+def host_checker(config: ServerConfig):
+    """Host-header allow-list (DNS rebinding guard). Default: loopback, private addresses, the bind host."""
+    allowed = [h.lower() for h in config.allowed_hosts]
+    if "*" in allowed:
+        return lambda host: True
+    defaults = {"localhost", config.host.lower()}
+
+    def check(host_header: str) -> bool:
+        host = host_header.lower()
+        host = host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0] if host.count(
+            ":") == 1 else host
+        if host in defaults or host in allowed:
+            return True
+        if any(pattern.startswith("*.") and host.endswith(pattern[1:]) for pattern in allowed):
+            return True
+        if allowed:
+            return False
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return address.is_loopback or address.is_private
+
+    return check
+
+
+def create_app(config: ServerConfig | None = None) -> RunyardApp:
+    """The app for uvicorn; worker processes rebuild the config from the environment."""
+    return RunyardApp(config or ServerConfig.from_env())

@@ -1,0 +1,57 @@
+"""ServerConfig: one frozen dataclass built once from flags and environment, shared with the toolkit."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+PROXY_ROOT = "mlflow-artifacts:/"
+CONFIG_ENV = "RUNYARD_SERVER_CONFIG"  # how the parent process hands the config to worker processes
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    backend_store_uri: str = "./mlruns"
+    default_artifact_root: str | None = None
+    artifacts_destination: str = "./mlartifacts"
+    serve_artifacts: bool = True
+    host: str = "127.0.0.1"
+    port: int = 5000
+    workers: int = 1
+    static_prefix: str = ""
+    allowed_hosts: tuple[str, ...] = field(default_factory=tuple)
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        prefix = self.static_prefix.rstrip("/")
+        if prefix and not prefix.startswith("/"):
+            raise ValueError("--static-prefix must start with '/'")
+        object.__setattr__(self, "static_prefix", prefix)
+        if self.workers < 1:
+            raise ValueError("--workers must be at least 1")
+
+    @property
+    def artifact_root(self) -> str:
+        """The root new experiments' artifact locations are built from."""
+        if self.default_artifact_root:
+            return self.default_artifact_root
+        if self.serve_artifacts:
+            return PROXY_ROOT
+        # Not proxied: clients write straight to the destination, so it must be an absolute location.
+        if "://" in self.artifacts_destination or self.artifacts_destination.startswith("file:"):
+            return self.artifacts_destination
+        return os.path.abspath(self.artifacts_destination)
+
+    def to_env(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_env(cls, environ: dict | None = None) -> ServerConfig:
+        raw = (environ if environ is not None else os.environ).get(CONFIG_ENV)
+        if not raw:
+            return cls()
+        data = json.loads(raw)
+        data["allowed_hosts"] = tuple(data.get("allowed_hosts") or ())
+        return cls(**data)

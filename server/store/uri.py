@@ -1,0 +1,110 @@
+"""backend-store-uri -> SQLAlchemy engine.
+
+A plain path or `file:` URI means an embedded SQLite database inside that folder; SQLAlchemy URIs for
+sqlite, postgresql, mysql and mssql are used as given, with our default driver filled in when the URI
+names only the dialect.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+
+from server.errors import RunyardError
+
+EMBEDDED_DB_NAME = "runyard.db"
+DEFAULT_DRIVERS = {"postgresql": "psycopg", "mysql": "pymysql", "mariadb": "pymysql", "mssql": "pymssql"}
+SUPPORTED_DIALECTS = {"sqlite", "postgresql", "mysql", "mariadb", "mssql"}
+
+
+def is_sqlalchemy_uri(uri: str) -> bool:
+    return bool(re.match(r"^[a-zA-Z][a-zA-Z0-9]*(\+[a-zA-Z0-9_]+)?://", uri)) and not uri.startswith("file:")
+
+
+def embedded_folder(uri: str) -> Path | None:
+    """The folder of an embedded store, or None when `uri` is a SQLAlchemy URI."""
+    if uri.startswith("file:"):
+        return Path(unquote(urlsplit(uri).path)).resolve()
+    if is_sqlalchemy_uri(uri):
+        return None
+    return Path(uri).expanduser().resolve()
+
+
+def _refuse_mlflow_file_store(folder: Path) -> None:
+    if (folder / "0" / "meta.yaml").exists() or any(folder.glob("*/meta.yaml")):
+        raise RunyardError(
+            f"{folder} holds an MLflow file store (meta.yaml files). Runyard keeps an embedded SQLite "
+            "database instead; point --backend-store-uri at an empty folder or a database URI.",
+            "INVALID_STATE",
+        )
+
+
+def sqlalchemy_url(uri: str) -> sa.URL:
+    """The SQLAlchemy URL for a backend-store-uri, creating the embedded store's folder when needed."""
+    folder = embedded_folder(uri)
+    if folder is not None:
+        if folder.exists() and not folder.is_dir():
+            raise RunyardError(f"--backend-store-uri {folder} is a file, not a folder", "INVALID_STATE")
+        folder.mkdir(parents=True, exist_ok=True)
+        _refuse_mlflow_file_store(folder)
+        return sa.URL.create("sqlite", database=str(folder / EMBEDDED_DB_NAME))
+    try:
+        url = make_url(uri)
+    except Exception as exc:
+        raise RunyardError(f"Invalid backend store URI: {exc.__class__.__name__}", "INVALID_STATE") from None
+    dialect, _, driver = url.drivername.partition("+")
+    if dialect not in SUPPORTED_DIALECTS:
+        raise RunyardError(
+            f"Unsupported backend store dialect {dialect!r}; use sqlite, postgresql, mysql or mssql",
+            "INVALID_STATE",
+        )
+    if not driver and dialect in DEFAULT_DRIVERS:
+        url = url.set(drivername=f"{dialect}+{DEFAULT_DRIVERS[dialect]}")
+    if dialect == "sqlite" and url.database and url.database != ":memory:":
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    return url
+
+
+def redact(uri: str) -> str:
+    """The URI with any password hidden, for logs and messages."""
+    try:
+        return make_url(uri).render_as_string(hide_password=True) if is_sqlalchemy_uri(uri) else uri
+    except Exception:
+        return re.sub(r"//[^@/]*@", "//***@", uri)
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    # Autocommit at the driver level; transactions are begun explicitly (see _sqlite_begin).
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA case_sensitive_like=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+def _sqlite_begin(conn) -> None:
+    # Writers take the write lock up front (IMMEDIATE) so two writers never deadlock on a lock upgrade;
+    # readers use DEFERRED and, under WAL, never block writers.
+    conn.exec_driver_sql(f"BEGIN {conn.get_execution_options().get('sqlite_begin', 'DEFERRED')}")
+
+
+def create_engine(uri: str, pool_size: int | None = None) -> sa.Engine:
+    url = sqlalchemy_url(uri)
+    pool_size = pool_size or int(os.environ.get("RUNYARD_DB_POOL_SIZE", "10"))
+    if url.get_backend_name() == "sqlite":
+        engine = sa.create_engine(url, pool_size=pool_size, max_overflow=pool_size,
+                                  connect_args={"timeout": 30, "check_same_thread": False})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
+        return engine
+    return sa.create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True,
+                            pool_recycle=1800)
