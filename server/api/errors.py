@@ -51,6 +51,8 @@ def from_exception(exc: BaseException) -> Response:
     if isinstance(exc, sa_exc.OperationalError):
         log.warning("database unavailable: %s", type(exc.orig).__name__ if exc.orig else exc)
         return error_response("TEMPORARILY_UNAVAILABLE", "The backend store is temporarily unavailable.")
+    if isinstance(exc, sa_exc.IntegrityError):
+        return error_response("BAD_REQUEST", "The write conflicts with existing data; nothing was written.")
     if isinstance(exc, sa_exc.DataError):
         return error_response("BAD_REQUEST", "A value does not fit its database column (too long?).")
     log.exception("unexpected error")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import orjson
+
 from server.api.message import Message
 from server.api.routing import json_route
+from server.errors import invalid
 from server.store.tracking import RUN_STATUSES, VIEW_TYPES
 
 
@@ -108,6 +111,18 @@ def log_outputs(msg: Message, ctx) -> dict:
     return {}
 
 
+def log_model(msg: Message, ctx) -> dict:
+    text = msg.str("model_json", required=True)
+    try:
+        model = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        raise invalid("Malformed model info: 'model_json' is not valid JSON.") from None
+    if not isinstance(model, dict) or not {"artifact_path", "flavors"} <= model.keys():
+        raise invalid("Model json is missing mandatory fields: artifact_path and flavors are required.")
+    ctx.store.append_logged_model_history(run_id_of(msg), model)
+    return {}
+
+
 def search(msg: Message, ctx) -> dict:
     return ctx.store.search_runs(
         experiment_ids=msg.str_list("experiment_ids"),
@@ -132,5 +147,6 @@ ROUTES = [
     json_route("POST", "/mlflow/runs/log-batch", log_batch),
     json_route("POST", "/mlflow/runs/log-inputs", log_inputs),
     json_route("POST", "/mlflow/runs/outputs", log_outputs),
+    json_route("POST", "/mlflow/runs/log-model", log_model),
     json_route(("POST", "GET"), "/mlflow/runs/search", search),
 ]

@@ -7,6 +7,7 @@ transient conflicts concurrent writers cause (deadlocks, lock timeouts, racing f
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -41,6 +42,7 @@ RUN_STATUSES = {"RUNNING": 1, "SCHEDULED": 2, "FINISHED": 3, "FAILED": 4, "KILLE
 VIEW_TYPES = {"ACTIVE_ONLY": 1, "DELETED_ONLY": 2, "ALL": 3}
 RUN_NAME_TAG = "mlflow.runName"
 DATASET_CONTEXT_TAG = "mlflow.data.context"
+MODEL_HISTORY_TAG = "mlflow.log-model.history"
 
 _RUN_STATE = sa.select(runs.c.lifecycle_stage, runs.c.experiment_id).where(
     runs.c.run_uuid == sa.bindparam("run_id"))
@@ -509,6 +511,19 @@ class TrackingStore:
                 "dataset_name": p["dataset_name"], "dataset_digest": p["dataset_digest"]}
         upsert(conn, logged_model_metrics, list(rows.values()),
                ["metric_value", "dataset_name", "dataset_digest"])
+
+    def append_logged_model_history(self, run_id: str, model: dict) -> None:
+        """Legacy `runs/log-model` (2.x clients): the model's metadata joins the run's history tag."""
+        def append(conn):
+            self._require_active_run(conn, run_id)
+            current = conn.execute(sa.select(run_tags.c.value).where(
+                run_tags.c.run_uuid == run_id, run_tags.c.key == MODEL_HISTORY_TAG)).scalar()
+            history = json.loads(current) if current else []
+            history.append(model)
+            upsert(conn, run_tags, [{"run_uuid": run_id, "key": MODEL_HISTORY_TAG,
+                                     "value": json.dumps(history)}], ["value"])
+
+        self.write(append)
 
     # ------------------------------------------------------------------ inputs / outputs
     def log_inputs(self, run_id: str, dataset_inputs: list[dict], model_ids: list[str]) -> None:
