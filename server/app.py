@@ -85,8 +85,10 @@ class RunyardApp:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 self.executor.shutdown(wait=False, cancel_futures=True)
-                if self.context is not None:
+                if self.context is not None and self.context.store is not None:
                     self.context.store.engine.dispose()
+                if self.context is not None and self.context.artifacts is not None:
+                    await self.context.artifacts.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
