@@ -8,6 +8,7 @@ and repeated keys form lists.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -46,12 +47,9 @@ class Message:
     def from_json(cls, body: bytes) -> Message:
         if not body.strip():
             return cls({})
-        try:
-            data = orjson.loads(body)
-            if isinstance(data, str):  # old clients double-encode
-                data = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            raise invalid("Malformed JSON in the request body.") from None
+        data = _loads(body)
+        if isinstance(data, str):  # old clients double-encode
+            data = _loads(data)
         if not isinstance(data, dict):
             raise invalid("The request body must be a JSON object.")
         return cls(data)
@@ -181,6 +179,18 @@ class Message:
         if not isinstance(value, dict):
             raise _bad(name, value, "expected an object")
         return Message(value)
+
+
+def _loads(text: bytes | str):
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        pass
+    # Python-written bodies may carry bare NaN/Infinity tokens, which strict JSON (orjson) refuses.
+    try:
+        return json.loads(text)
+    except (ValueError, UnicodeDecodeError):
+        raise invalid("Malformed JSON in the request body.") from None
 
 
 def parse_double(name: str, value: Any) -> float:

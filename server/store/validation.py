@@ -43,7 +43,8 @@ def key(value: str, what: str = "key") -> str:
         raise invalid(f"Invalid value '{value}' for parameter '{what}' supplied: Names may only contain "
                       "alphanumerics, underscores (_), dashes (-), periods (.), spaces ( ), colon(:) "
                       "and slashes (/).")
-    if posixpath.normpath(value) != value:
+    normalized = posixpath.normpath(value)
+    if normalized != value or normalized == "." or normalized.startswith(("..", "/")):
         raise invalid(f"Invalid value '{value}' for parameter '{what}' supplied: Names may not contain "
                       "empty, '.' or '..' path segments, nor start or end with a slash.")
     return value
