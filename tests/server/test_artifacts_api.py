@@ -16,7 +16,7 @@ from urllib.parse import quote
 import pytest
 import requests
 import uvicorn
-from test_artifacts_local import BAD_PATHS  # same corpus as the store tests
+from helpers.bad_paths import BAD_PATHS
 
 import server.app
 from server.api import artifacts as artifact_api

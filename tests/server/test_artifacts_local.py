@@ -6,6 +6,7 @@ import asyncio
 import os
 
 import pytest
+from helpers.bad_paths import BAD_PATHS
 
 from server.artifacts import repository_for
 from server.artifacts.base import CHUNK_SIZE, FileInfo, safe_file_path, safe_relative_path
@@ -13,32 +14,6 @@ from server.artifacts.local import TMP_PREFIX, LocalArtifactRepository
 from server.errors import RunyardError
 
 # Each of these must be refused on every route of every store.
-BAD_PATHS = [
-    "..",
-    "../x",
-    "a/..",
-    "a/../../b",
-    "/etc/passwd",
-    "//etc/passwd",
-    "a\\b",
-    "..\\x",
-    "%2e%2e/x",
-    "%2E%2E%2Fx",
-    "a/%2e%2e/%2e%2e/b",
-    "..%2Fx",
-    "%2Fetc%2Fpasswd",
-    "%252e%252e/x",
-    "%25252e%25252e%25252fx",
-    "%255c",
-    "a#b",
-    "%23",
-    "a%00b",
-    "a\x00b",
-    "C:/x",
-    "c:x",
-    "C%3A/x",
-    "C:\\x",
-]
 
 
 def run(coroutine):

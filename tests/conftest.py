@@ -1,0 +1,94 @@
+"""Shared fixtures: real database servers, fresh backend URIs, and `runyard server` processes.
+
+Database servers: the machine's own PostgreSQL (5432) / MariaDB (3306) when they answer, else throwaway
+instances (helpers/databases.py). Missing binaries skip the dependent tests, unless RUNYARD_TEST_STRICT=1
+(set by .ci/run), where they fail: in CI every database test must run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import pytest
+from helpers import databases
+from helpers.databases import DatabaseServer, Unavailable
+from helpers.ports import free_port  # noqa: F401  (re-exported for tests that want `from conftest import …`)
+from helpers.servers import RunningServer, start_server
+
+
+def _database_server(start: Callable[[], DatabaseServer]) -> Iterator[DatabaseServer]:
+    try:
+        server = start()
+    except Unavailable as exc:
+        if os.environ.get("RUNYARD_TEST_STRICT") == "1":
+            pytest.fail(f"{exc} (RUNYARD_TEST_STRICT=1: required services must be available)")
+        pytest.skip(str(exc))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[DatabaseServer]:
+    """A PostgreSQL server for the session; `.base_url` is postgresql://postgres@127.0.0.1:PORT."""
+    yield from _database_server(databases.postgres_server)
+
+
+@pytest.fixture(scope="session")
+def mysql_server() -> Iterator[DatabaseServer]:
+    """A MariaDB server for the session; `.base_url` is mysql://root@127.0.0.1:PORT."""
+    yield from _database_server(databases.mysql_server)
+
+
+@pytest.fixture
+def postgres_uri(postgres_server: DatabaseServer) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database, dropped afterwards: postgresql://postgres@127.0.0.1:PORT/DB."""
+    name = databases.unique_name()
+    databases.pg_create_database(postgres_server, name)
+    yield postgres_server.uri(name)
+    databases.pg_drop_database(postgres_server, name)
+
+
+@pytest.fixture
+def mysql_uri(mysql_server: DatabaseServer) -> Iterator[str]:
+    """A fresh, empty MariaDB database, dropped afterwards: mysql://root@127.0.0.1:PORT/DB."""
+    name = databases.unique_name()
+    databases.my_create_database(mysql_server, name)
+    yield mysql_server.uri(name)
+    databases.my_drop_database(mysql_server, name)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.db),
+                        pytest.param("mysql", marks=pytest.mark.db)])
+def backend_uri(request, tmp_path) -> str:
+    """A fresh backend-store-uri of each kind: an empty folder (embedded SQLite), PostgreSQL, MariaDB."""
+    if request.param == "sqlite":
+        return str(tmp_path / "store")
+    return request.getfixturevalue({"postgresql": "postgres_uri", "mysql": "mysql_uri"}[request.param])
+
+
+@pytest.fixture
+def server_factory(tmp_path) -> Iterator[Callable[..., RunningServer]]:
+    """Starts `runyard server` processes: factory(backend_uri=None, *extra_flags, workers=1, env=None)."""
+    started: list[RunningServer] = []
+
+    def factory(backend_uri: str | None = None, *extra_flags: str, workers: int = 1,
+                env: dict | None = None) -> RunningServer:
+        server = start_server(tmp_path / f"server{len(started)}", backend_uri, *extra_flags, workers=workers,
+                              env=env)
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[RunningServer]:
+    """One SQLite-backed `runyard server` per test module, for quick API tests."""
+    running = start_server(tmp_path_factory.mktemp("server"))
+    yield running
+    running.stop()

@@ -1,0 +1,28 @@
+"""Artifact paths that try to escape their root; every route and store must refuse each one."""
+
+BAD_PATHS = [
+    "..",
+    "../x",
+    "a/..",
+    "a/../../b",
+    "/etc/passwd",
+    "//etc/passwd",
+    "a\\b",
+    "..\\x",
+    "%2e%2e/x",
+    "%2E%2E%2Fx",
+    "a/%2e%2e/%2e%2e/b",
+    "..%2Fx",
+    "%2Fetc%2Fpasswd",
+    "%252e%252e/x",
+    "%25252e%25252e%25252fx",
+    "%255c",
+    "a#b",
+    "%23",
+    "a%00b",
+    "a\x00b",
+    "C:/x",
+    "c:x",
+    "C%3A/x",
+    "C:\\x",
+]
