@@ -33,10 +33,11 @@ _BODY_METHODS = ("POST", "PUT")
 
 
 def all_routes() -> list[Route]:
-    from server.api import artifacts, experiments, health, metrics, models, runs
+    from server.api import artifacts, experiments, health, metrics, models, run_artifacts, runs
 
     return [*health.ROUTES, *experiments.ROUTES, *runs.ROUTES, *metrics.ROUTES, *models.ROUTES,
-            *artifacts.ROUTES]
+            *artifacts.ROUTES,
+            *run_artifacts.ROUTES]
 
 
 def build_context(config: ServerConfig) -> Context:

@@ -612,6 +612,28 @@ class TrackingStore:
 
         return self.read(history)
 
+    def get_metric_history_sampled(self, run_ids: list[str], key: str, max_results: int,
+                                   start_step: int | None, end_step: int | None) -> list[dict]:
+        """Up to max_results points per run, evenly spread over its history (first and last kept),
+        optionally within [start_step, end_step]: what charts need, not every point."""
+
+        def sample(conn):
+            out = []
+            for run_id in run_ids:
+                self._run_row(conn, run_id)
+                query = (sa.select(metrics.c.timestamp, metrics.c.step, metrics.c.value, metrics.c.is_nan)
+                         .where(metrics.c.run_uuid == run_id, metrics.c.key == key)
+                         .order_by(metrics.c.step, metrics.c.timestamp, metrics.c.value, metrics.c.is_nan))
+                if start_step is not None:
+                    query = query.where(metrics.c.step.between(start_step, end_step))
+                rows = conn.execute(query).all()
+                for i in _evenly_spaced(len(rows), max_results):
+                    ts, step, value, nan = rows[i]
+                    out.append(metric_json(key, value, ts, step, nan) | {"run_id": run_id})
+            return out
+
+        return self.read(sample)
+
     def search_runs(self, experiment_ids: list, filter_string: str | None, view_type: str,
                     max_results: int | None, order_by: list[str], page_token: str | None) -> dict:
         limit = validation.max_results(max_results, 1000, validation.MAX_RESULTS_RUNS)
@@ -705,6 +727,15 @@ def _run_info(r) -> dict:
     if r.end_time is not None:
         info["end_time"] = r.end_time
     return info
+
+
+def _evenly_spaced(total: int, count: int) -> list[int]:
+    if total <= count:
+        return list(range(total))
+    if count == 1:
+        return [total - 1]
+    stride = (total - 1) / (count - 1)
+    return sorted({round(i * stride) for i in range(count)})
 
 
 def _check_batch_limits(n_metrics: int, n_params: int, n_tags: int) -> None:
