@@ -49,16 +49,16 @@ class RunningServer:
         self.proc.wait()
 
 
-def _healthy(url: str) -> bool:
+def _healthy(health_url: str) -> bool:
     try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+        with urllib.request.urlopen(health_url, timeout=2) as response:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False
 
 
 def launch(command: list[str], workdir: Path, port: int, backend_uri: str, artifacts: Path,
-           env: dict | None = None) -> RunningServer:
+           env: dict | None = None, prefix: str = "") -> RunningServer:
     """Runs a `runyard server` command line (logging to `workdir`) and waits for GET /health == 200 on
     `port`; on failure stops it and raises with the log tail."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -68,7 +68,8 @@ def launch(command: list[str], workdir: Path, port: int, backend_uri: str, artif
                                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
                                 start_new_session=True)
     server = RunningServer(f"http://127.0.0.1:{port}", port, artifacts, backend_uri, proc, log_path)
-    if not wait_for(lambda: proc.poll() is not None or _healthy(server.url), timeout=START_TIMEOUT_S) \
+    health_url = f"{server.url}{prefix}/health"
+    if not wait_for(lambda: proc.poll() is not None or _healthy(health_url), timeout=START_TIMEOUT_S) \
             or proc.poll() is not None:
         server.stop()
         tail = "\n".join(server.log().splitlines()[-40:])
@@ -85,4 +86,6 @@ def start_server(workdir: Path, backend_uri: str | None = None, *extra_flags: st
     artifacts = workdir / f"artifacts-{port}"
     command = runyard_command("server", "--backend-store-uri", backend_uri, "--artifacts-destination",
                               str(artifacts), "--port", str(port), "--workers", str(workers), *extra_flags)
-    return launch(command, workdir, port, backend_uri, artifacts, env)
+    flags = list(extra_flags)
+    prefix = flags[flags.index("--static-prefix") + 1].rstrip("/") if "--static-prefix" in flags else ""
+    return launch(command, workdir, port, backend_uri, artifacts, env, prefix)
