@@ -52,8 +52,8 @@ def search(msg: Message, ctx) -> dict:
     order_by = [{"field_name": o.str("field_name", required=True), "ascending": o.bool("ascending", True),
                  "dataset_name": o.str("dataset_name"), "dataset_digest": o.str("dataset_digest")}
                 for o in msg.objects("order_by")]
-    datasets = [{"dataset_name": d.str("dataset_name", required=True), "dataset_digest": d.str("dataset_digest")}
-                for d in msg.objects("datasets")]
+    datasets = [{"dataset_name": d.str("dataset_name", required=True),
+                 "dataset_digest": d.str("dataset_digest")} for d in msg.objects("datasets")]
     return ctx.models.search(msg.str_list("experiment_ids"), msg.str("filter"), datasets or None,
                              msg.int("max_results"), order_by, msg.str("page_token"))
 

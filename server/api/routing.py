@@ -13,8 +13,9 @@ Paths are written without the API prefix: "/mlflow/runs/create" with `versions=(
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 _PARAM = re.compile(r"\{(\w+)(:path)?\}")
 

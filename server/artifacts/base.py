@@ -131,7 +131,7 @@ class ArtifactRepository(ABC):
         info = await self.stat(path)
         return info is not None and info.is_dir
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, most stores hold no connections
         """Release connections (FTP/SFTP sessions, HTTP pools). Local files hold none."""
 
     # -- optional capabilities (object stores) -----------------------------------------------------

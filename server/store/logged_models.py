@@ -102,8 +102,8 @@ class LoggedModelStore:
     def set_tags(self, model_id: str, tags: list[tuple[str, str]]) -> None:
         for k, _ in tags:
             validation.key(k)
-        self.tracking.write(lambda conn: self._put_tags(conn, model_id, self._row(conn, model_id).experiment_id,
-                                                        tags))
+        self.tracking.write(lambda conn: self._put_tags(
+            conn, model_id, self._row(conn, model_id).experiment_id, tags))
 
     def delete_tag(self, model_id: str, key: str) -> None:
         def delete(conn):
@@ -156,7 +156,8 @@ class LoggedModelStore:
             out[r.model_id] = {"info": info, "data": {}}
         for part in chunks(ids):
             for t in conn.execute(sa.select(logged_model_tags).where(logged_model_tags.c.model_id.in_(part))):
-                out[t.model_id]["info"].setdefault("tags", []).append({"key": t.tag_key, "value": t.tag_value})
+                out[t.model_id]["info"].setdefault("tags", []).append(
+                    {"key": t.tag_key, "value": t.tag_value})
             for p in conn.execute(sa.select(logged_model_params).where(
                     logged_model_params.c.model_id.in_(part))):
                 out[p.model_id]["data"].setdefault("params", []).append(

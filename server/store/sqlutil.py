@@ -3,7 +3,7 @@ has the construct, a portable fallback where it does not (MSSQL)."""
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql, sqlite
@@ -62,7 +62,8 @@ def _pk_where(table: sa.Table, row: dict):
 
 def _portable_insert_missing(conn: sa.Connection, table: sa.Table, rows: list[dict]) -> None:
     for row in rows:
-        if conn.execute(sa.select(sa.literal(1)).select_from(table).where(_pk_where(table, row))).first() is None:
+        exists = sa.select(sa.literal(1)).select_from(table).where(_pk_where(table, row))
+        if conn.execute(exists).first() is None:
             conn.execute(table.insert(), row)
 
 

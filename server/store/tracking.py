@@ -12,7 +12,7 @@ import logging
 import os
 import time
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
@@ -120,7 +120,8 @@ class TrackingStore:
         ids = [r.experiment_id for r in rows]
         tags: dict[int, list] = {i: [] for i in ids}
         for part in chunks(ids):
-            for t in conn.execute(sa.select(experiment_tags).where(experiment_tags.c.experiment_id.in_(part))):
+            query = sa.select(experiment_tags).where(experiment_tags.c.experiment_id.in_(part))
+            for t in conn.execute(query):
                 tags[t.experiment_id].append({"key": t.key, "value": t.value})
         out = []
         for r in rows:
@@ -695,7 +696,8 @@ class TrackingStore:
                 d = dataset_rows.get(link.source_id)
                 if d is None:
                     continue
-                dataset = {"name": d.name, "digest": d.digest, "source_type": d.source_type, "source": d.source}
+                dataset = {"name": d.name, "digest": d.digest, "source_type": d.source_type,
+                           "source": d.source}
                 if d.schema is not None:
                     dataset["schema"] = d.schema
                 if d.profile is not None:

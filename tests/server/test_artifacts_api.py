@@ -119,7 +119,8 @@ def assert_error(response_or_triple, status: int, code: str):
 def test_put_then_list_one_level_with_basenames(live, base):
     folder = folder_of(base)
     for path, data in [("hello.txt", b"hello"), ("sub/dir/f.bin", b"\x00\x01"), ("cfg.json", b"{}")]:
-        response = requests.put(f"{base}/{path}", data=data, headers={"Content-Type": "text/plain"}, timeout=30)
+        response = requests.put(f"{base}/{path}", data=data, headers={"Content-Type": "text/plain"},
+                                timeout=30)
         assert response.status_code == 200
         assert response.headers["content-type"] == "application/json" and response.json() == {}
     assert listing(live, folder) == {"files": [
@@ -128,7 +129,8 @@ def test_put_then_list_one_level_with_basenames(live, base):
         {"path": "sub", "is_dir": True},
     ]}
     assert listing(live, f"{folder}/sub") == {"files": [{"path": "dir", "is_dir": True}]}
-    assert listing(live, f"{folder}/sub/dir/") == {"files": [{"path": "f.bin", "is_dir": False, "file_size": 2}]}
+    expected = {"files": [{"path": "f.bin", "is_dir": False, "file_size": 2}]}
+    assert listing(live, f"{folder}/sub/dir/") == expected
 
 
 def test_list_of_a_file_or_missing_folder_is_empty(live, base):
