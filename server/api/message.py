@@ -8,6 +8,7 @@ and repeated keys form lists.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from typing import Any
@@ -20,6 +21,7 @@ _MISSING = object()
 INT64_MAX = 2**63 - 1
 
 
+@functools.cache
 def _camel(name: str) -> str:
     head, *rest = name.split("_")
     return head + "".join(part.title() for part in rest)
@@ -198,7 +200,10 @@ def parse_double(name: str, value: Any) -> float:
     if isinstance(value, bool):
         raise _bad(name, value, "expected a number")
     if isinstance(value, (int, float)):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise _bad(name, value, "out of the double range") from None
     if isinstance(value, str):
         try:
             number = float(value)

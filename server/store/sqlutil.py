@@ -16,6 +16,21 @@ def chunks(items: Sequence, size: int = IN_CHUNK) -> Iterable[Sequence]:
         yield items[start:start + size]
 
 
+def raw_rows(conn: sa.Connection, stmt: sa.Select) -> list[tuple]:
+    """Plain tuples straight from the driver's cursor, for reads of many thousand rows where building
+    SQLAlchemy Row objects would cost more than the query. Runs inside `conn`'s transaction."""
+    compiled = stmt.compile(dialect=conn.dialect)
+    params = compiled.params
+    if compiled.positional:
+        params = tuple(params[name] for name in compiled.positiontup)
+    cursor = conn.connection.dbapi_connection.cursor()
+    try:
+        cursor.execute(str(compiled), params)
+        return cursor.fetchall()
+    finally:
+        cursor.close()
+
+
 def _insert_for(conn: sa.Connection, table: sa.Table):
     name = conn.dialect.name
     if name == "sqlite":

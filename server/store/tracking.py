@@ -34,7 +34,7 @@ from server.store.schema import (
     run_tags,
     runs,
 )
-from server.store.sqlutil import chunks, insert_ignore, upsert
+from server.store.sqlutil import chunks, insert_ignore, raw_rows, upsert
 
 log = logging.getLogger("runyard.store")
 
@@ -63,6 +63,8 @@ def metric_json(key: str, value: float, timestamp: int, step: int, is_nan: bool)
 
 
 def _retryable(exc: Exception) -> bool:
+    if getattr(exc, "connection_invalidated", False):
+        return True  # a pooled connection the database had closed; the pool already dropped it
     if isinstance(exc, sa_exc.IntegrityError):
         return True  # two writers raced to insert the same first row: the retry sees the winner's row
     text = str(getattr(exc, "orig", exc)).lower()
@@ -87,13 +89,19 @@ class TrackingStore:
                     conn.execution_options(sqlite_begin="IMMEDIATE")
                     with conn.begin():
                         return fn(conn, *args)
-            except (sa_exc.IntegrityError, sa_exc.OperationalError) as exc:
+            except sa_exc.DBAPIError as exc:
                 if attempt == 5 or not _retryable(exc):
                     raise
                 time.sleep(0.005 * 2**attempt)
 
     def read(self, fn: Callable, *args):
-        with self.engine.connect() as conn:
+        try:
+            with self.engine.connect() as conn:
+                return fn(conn, *args)
+        except sa_exc.DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+        with self.engine.connect() as conn:  # once more, on a fresh connection
             return fn(conn, *args)
 
     # ------------------------------------------------------------------ experiments
@@ -600,7 +608,7 @@ class TrackingStore:
                      .order_by(metrics.c.timestamp, metrics.c.step, metrics.c.value))
             if max_results is not None:
                 query = query.limit(max_results + 1).offset(offset)
-            rows = conn.execute(query).all()
+            rows = raw_rows(conn, query)
             result = {}
             if max_results is not None and len(rows) > max_results:
                 rows = rows[:max_results]

@@ -109,5 +109,6 @@ def create_engine(uri: str, pool_size: int | None = None) -> sa.Engine:
     # A database host that drops packets must fail start-up and requests, not hang them.
     networked = url.get_backend_name() in ("postgresql", "mysql", "mariadb")
     connect_args = {"connect_timeout": 10} if networked else {}
-    return sa.create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True,
-                            pool_recycle=1800, connect_args=connect_args)
+    # No pre-ping (a round trip per request): the store retries on a connection found dead instead.
+    return sa.create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800,
+                            connect_args=connect_args)
