@@ -54,7 +54,8 @@ def metric_points(msg: Message) -> list[dict]:
 def _plain_metric(item: dict) -> dict | None:
     key, value, ts, step = item.get("key"), item.get("value"), item.get("timestamp"), item.get("step", 0)
     extras = (item.get("model_id"), item.get("dataset_name"), item.get("dataset_digest"))
-    if (type(key) is str and (type(value) is float or (type(value) is int and -INT64_MAX <= value <= INT64_MAX))
+    number = type(value) is float or (type(value) is int and -INT64_MAX <= value <= INT64_MAX)
+    if (type(key) is str and number
             and type(ts) is int and type(step) is int
             and -INT64_MAX - 1 <= ts <= INT64_MAX and -INT64_MAX - 1 <= step <= INT64_MAX
             and all(e is None or type(e) is str for e in extras)):

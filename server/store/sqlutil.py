@@ -19,7 +19,7 @@ def chunks(items: Sequence, size: int = IN_CHUNK) -> Iterable[Sequence]:
 def raw_rows(conn: sa.Connection, stmt: sa.Select) -> list[tuple]:
     """Plain tuples straight from the driver's cursor, for reads of many thousand rows where building
     SQLAlchemy Row objects would cost more than the query. Runs inside `conn`'s transaction."""
-    compiled = stmt.compile(dialect=conn.dialect)
+    compiled = stmt.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
     params = compiled.params
     if compiled.positional:
         params = tuple(params[name] for name in compiled.positiontup)

@@ -671,15 +671,15 @@ class TrackingStore:
         def add(run_id, section, field, item):
             out[run_id][section].setdefault(field, []).append(item)
 
+        lm = latest_metrics.c
         for part in chunks(ids):
-            for r in conn.execute(sa.select(latest_metrics).where(latest_metrics.c.run_uuid.in_(part))):
-                add(r.run_uuid, "data", "metrics", metric_json(r.key, r.value, r.timestamp, r.step, r.is_nan))
-            for r in conn.execute(sa.select(params.c.run_uuid, params.c.key, params.c.value)
-                                  .where(params.c.run_uuid.in_(part))):
-                add(r.run_uuid, "data", "params", {"key": r.key, "value": r.value})
-            for r in conn.execute(sa.select(run_tags.c.run_uuid, run_tags.c.key, run_tags.c.value)
-                                  .where(run_tags.c.run_uuid.in_(part))):
-                add(r.run_uuid, "data", "tags", {"key": r.key, "value": r.value})
+            latest = sa.select(lm.run_uuid, lm.key, lm.value, lm.timestamp, lm.step, lm.is_nan)
+            for run_id, key, value, ts, step, nan in raw_rows(conn, latest.where(lm.run_uuid.in_(part))):
+                add(run_id, "data", "metrics", metric_json(key, value, ts, step, nan))
+            for table, field in ((params, "params"), (run_tags, "tags")):
+                for run_id, key, value in raw_rows(conn, sa.select(
+                        table.c.run_uuid, table.c.key, table.c.value).where(table.c.run_uuid.in_(part))):
+                    add(run_id, "data", field, {"key": key, "value": value})
             links = conn.execute(sa.select(inputs).where(
                 sa.or_(sa.and_(inputs.c.destination_type == "RUN", inputs.c.destination_id.in_(part)),
                        sa.and_(inputs.c.source_type.in_(("RUN_INPUT", "RUN_OUTPUT")),
