@@ -409,7 +409,7 @@ class TrackingStore:
             if param_map:
                 self._insert_params(conn, run_id, param_map)
             if metric_rows:
-                insert_ignore(conn, metrics, metric_rows)
+                self._insert_metrics(conn, metric_rows)
                 self._update_latest(conn, list(latest.values()))
                 if model_points:
                     self._link_model_metrics(conn, run_id, state.experiment_id, model_points)
@@ -475,6 +475,17 @@ class TrackingStore:
         new = [{"run_uuid": run_id, "key": k, "value": v} for k, v in param_map.items() if k not in existing]
         if new:
             conn.execute(params.insert(), new)
+
+    def _insert_metrics(self, conn, rows: list[dict]) -> None:
+        if self.dialect != "postgresql":
+            insert_ignore(conn, metrics, rows)
+            return
+        # PostgreSQL: one statement with one array parameter per column instead of a
+        # statement per point (the driver's executemany), several times faster for big batches.
+        conn.execute(_PG_METRICS_FROM_ARRAYS, {
+            "run_uuid": rows[0]["run_uuid"], "keys": [r["key"] for r in rows],
+            "timestamps": [r["timestamp"] for r in rows], "steps": [r["step"] for r in rows],
+            "values": [r["value"] for r in rows], "nans": [r["is_nan"] for r in rows]})
 
     def _update_latest(self, conn, rows: list[dict]) -> None:
         if self._latest_upsert is not None:
@@ -779,6 +790,13 @@ def _validate_dataset(d: dict) -> None:
         if len(k) > validation.MAX_INPUT_TAG_KEY or len(v) > validation.MAX_INPUT_TAG_VALUE:
             raise invalid(f"Input tag '{k[:40]}' exceeds the maximum key length "
                           f"{validation.MAX_INPUT_TAG_KEY} or value length {validation.MAX_INPUT_TAG_VALUE}.")
+
+
+_PG_METRICS_FROM_ARRAYS = sa.text(
+    "INSERT INTO metrics (run_uuid, key, timestamp, step, value, is_nan) "
+    "SELECT :run_uuid, * FROM unnest(CAST(:keys AS varchar[]), CAST(:timestamps AS bigint[]), "
+    "CAST(:steps AS bigint[]), CAST(:values AS double precision[]), CAST(:nans AS boolean[])) "
+    "ON CONFLICT DO NOTHING")
 
 
 def _latest_metric_upsert(dialect: str):
