@@ -16,6 +16,20 @@ def chunks(items: Sequence, size: int = IN_CHUNK) -> Iterable[Sequence]:
         yield items[start:start + size]
 
 
+def id_batches(conn: sa.Connection, ids: Sequence) -> Iterable[Sequence]:
+    """The id lists to hydrate with: all at once on PostgreSQL (one array parameter), in chunks
+    elsewhere (one bound parameter per id)."""
+    return [ids] if conn.dialect.name == "postgresql" else chunks(ids)
+
+
+def among(conn: sa.Connection, column: sa.ColumnElement, ids: Sequence) -> sa.ColumnElement:
+    """`column IN ids`; on PostgreSQL `column = ANY(:array)`, so the statement text stays small and
+    constant instead of growing a placeholder per id."""
+    if conn.dialect.name == "postgresql":
+        return column == sa.any_(sa.bindparam(None, list(ids), type_=postgresql.ARRAY(column.type)))
+    return column.in_(ids)
+
+
 def raw_rows(conn: sa.Connection, stmt: sa.Select) -> list[tuple]:
     """Plain tuples straight from the driver's cursor, for reads of many thousand rows where building
     SQLAlchemy Row objects would cost more than the query. Runs inside `conn`'s transaction."""

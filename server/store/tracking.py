@@ -34,7 +34,7 @@ from server.store.schema import (
     run_tags,
     runs,
 )
-from server.store.sqlutil import chunks, insert_ignore, raw_rows, upsert
+from server.store.sqlutil import among, chunks, id_batches, insert_ignore, raw_rows, upsert
 
 log = logging.getLogger("runyard.store")
 
@@ -683,13 +683,14 @@ class TrackingStore:
             out[run_id][section].setdefault(field, []).append(item)
 
         lm = latest_metrics.c
-        for part in chunks(ids):
+        for part in id_batches(conn, ids):
             latest = sa.select(lm.run_uuid, lm.key, lm.value, lm.timestamp, lm.step, lm.is_nan)
-            for run_id, key, value, ts, step, nan in raw_rows(conn, latest.where(lm.run_uuid.in_(part))):
+            for run_id, key, value, ts, step, nan in raw_rows(
+                    conn, latest.where(among(conn, lm.run_uuid, part))):
                 add(run_id, "data", "metrics", metric_json(key, value, ts, step, nan))
             for table, field in ((params, "params"), (run_tags, "tags")):
-                for run_id, key, value in raw_rows(conn, sa.select(
-                        table.c.run_uuid, table.c.key, table.c.value).where(table.c.run_uuid.in_(part))):
+                pairs = sa.select(table.c.run_uuid, table.c.key, table.c.value)
+                for run_id, key, value in raw_rows(conn, pairs.where(among(conn, table.c.run_uuid, part))):
                     add(run_id, "data", field, {"key": key, "value": value})
             links = conn.execute(sa.select(inputs).where(
                 sa.or_(sa.and_(inputs.c.destination_type == "RUN", inputs.c.destination_id.in_(part)),
