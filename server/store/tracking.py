@@ -477,6 +477,14 @@ class TrackingStore:
             conn.execute(params.insert(), new)
 
     def _insert_metrics(self, conn, rows: list[dict]) -> None:
+        if self.dialect == "sqlite":
+            # The driver's own executemany over plain tuples: building SQLAlchemy's per-row
+            # parameters cost as much as the insert itself.
+            cursor = conn.connection.dbapi_connection.cursor()
+            cursor.executemany(_SQLITE_METRICS_INSERT, [
+                (r["run_uuid"], r["key"], r["timestamp"], r["step"], r["value"], r["is_nan"]) for r in rows])
+            cursor.close()
+            return
         if self.dialect != "postgresql":
             insert_ignore(conn, metrics, rows)
             return
@@ -793,6 +801,8 @@ def _validate_dataset(d: dict) -> None:
                           f"{validation.MAX_INPUT_TAG_KEY} or value length {validation.MAX_INPUT_TAG_VALUE}.")
 
 
+_SQLITE_METRICS_INSERT = ("INSERT OR IGNORE INTO metrics (run_uuid, key, timestamp, step, value, is_nan) "
+                          "VALUES (?, ?, ?, ?, ?, ?)")
 _PG_METRICS_FROM_ARRAYS = sa.text(
     "INSERT INTO metrics (run_uuid, key, timestamp, step, value, is_nan) "
     "SELECT :run_uuid, * FROM unnest(CAST(:keys AS varchar[]), CAST(:timestamps AS bigint[]), "
