@@ -7,13 +7,9 @@ from server.api.routing import json_route
 from server.store.tracking import VIEW_TYPES
 
 
-def _tags(msg: Message) -> list[tuple[str, str]]:
-    return [(t.str("key", required=True), t.str("value", default="")) for t in msg.objects("tags")]
-
-
 def create(msg: Message, ctx) -> dict:
     experiment_id = ctx.store.create_experiment(msg.str("name", required=True),
-                                                msg.str("artifact_location"), _tags(msg))
+                                                msg.str("artifact_location"), msg.pairs("tags"))
     return {"experiment_id": experiment_id}
 
 

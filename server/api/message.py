@@ -174,6 +174,10 @@ class Message:
             raise _bad(name, value, "expected a list of objects")
         return [Message(v) for v in value]
 
+    def pairs(self, name: str) -> list[tuple[str, str]]:
+        """A list of {key, value} objects (tags, params) as (key, value) tuples."""
+        return [(m.str("key", required=True), m.str("value", default="")) for m in self.objects(name)]
+
     def object(self, name: str) -> Message | None:
         value = self.raw(name)
         if value is None:

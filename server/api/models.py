@@ -7,13 +7,9 @@ from server.api.routing import json_route
 from server.store.logged_models import MODEL_STATUSES
 
 
-def _pairs(msg: Message, field: str) -> list[tuple[str, str]]:
-    return [(m.str("key", required=True), m.str("value", default="")) for m in msg.objects(field)]
-
-
 def create(msg: Message, ctx) -> dict:
     model = ctx.models.create(msg.str("experiment_id", required=True), msg.str("name"), msg.str("model_type"),
-                              msg.str("source_run_id"), _pairs(msg, "params"), _pairs(msg, "tags"))
+                              msg.str("source_run_id"), msg.pairs("params"), msg.pairs("tags"))
     return {"model": model}
 
 
@@ -34,7 +30,7 @@ def delete(msg: Message, ctx) -> dict:
 
 
 def set_tags(msg: Message, ctx) -> dict:
-    ctx.models.set_tags(msg.str("model_id", required=True), _pairs(msg, "tags"))
+    ctx.models.set_tags(msg.str("model_id", required=True), msg.pairs("tags"))
     return {}
 
 
@@ -44,7 +40,7 @@ def delete_tag(msg: Message, ctx) -> dict:
 
 
 def log_params(msg: Message, ctx) -> dict:
-    ctx.models.log_params(msg.str("model_id", required=True), _pairs(msg, "params"))
+    ctx.models.log_params(msg.str("model_id", required=True), msg.pairs("params"))
     return {}
 
 

@@ -18,10 +18,6 @@ def run_id_of(msg: Message) -> str:
     return run_id
 
 
-def _pairs(msg: Message, field: str) -> list[tuple[str, str]]:
-    return [(m.str("key", required=True), m.str("value", default="")) for m in msg.objects(field)]
-
-
 def _param_pairs(msg: Message) -> list[tuple[str, str]]:
     # Params arrive as strings; tolerate numbers from hand-written clients by stringifying them.
     return [(m.str("key", required=True), _as_text(m.raw("value"))) for m in msg.objects("params")]
@@ -70,7 +66,7 @@ _PLAIN_METRIC_FIELDS = {"key", "value", "timestamp", "step", "run_id", "run_uuid
 
 def create(msg: Message, ctx) -> dict:
     run = ctx.store.create_run(msg.str("experiment_id"), msg.str("user_id"), msg.int("start_time"),
-                               msg.str("run_name"), _pairs(msg, "tags"))
+                               msg.str("run_name"), msg.pairs("tags"))
     return {"run": run}
 
 
@@ -118,7 +114,7 @@ def delete_tag(msg: Message, ctx) -> dict:
 
 def log_batch(msg: Message, ctx) -> dict:
     ctx.store.log_batch(run_id_of(msg), metric_points(msg),
-                        _param_pairs(msg), _pairs(msg, "tags"))
+                        _param_pairs(msg), msg.pairs("tags"))
     return {}
 
 
@@ -129,7 +125,7 @@ def log_inputs(msg: Message, ctx) -> dict:
         if dataset is None:
             raise Message.missing("datasets.dataset")
         fields = {f: dataset.str(f) for f in ("name", "digest", "source_type", "source", "schema", "profile")}
-        dataset_inputs.append({"dataset": fields, "tags": dict(_pairs(item, "tags"))})
+        dataset_inputs.append({"dataset": fields, "tags": dict(item.pairs("tags"))})
     model_ids = [m.str("model_id", required=True) for m in msg.objects("models")]
     ctx.store.log_inputs(run_id_of(msg), dataset_inputs, model_ids)
     return {}

@@ -16,7 +16,7 @@ from server.store.schema import (
     logged_models,
 )
 from server.store.sqlutil import chunks, upsert
-from server.store.tracking import TrackingStore, append_path, now_ms
+from server.store.tracking import TrackingStore, append_path, now_ms, page
 
 MODEL_STATUSES = {"LOGGED_MODEL_STATUS_UNSPECIFIED": 0, "LOGGED_MODEL_PENDING": 1, "LOGGED_MODEL_READY": 2,
                   "LOGGED_MODEL_UPLOAD_FAILED": 3}
@@ -130,16 +130,7 @@ class LoggedModelStore:
         offset = search.decode_page_token(page_token)
         query = search.logged_models_query(exp_ids, filter_string, datasets, order_by, offset, limit + 1)
 
-        def run(conn):
-            rows = conn.execute(query).all()
-            result = {}
-            if rows:
-                result["models"] = self._models_json(conn, rows[:limit])
-            if len(rows) > limit:
-                result["next_page_token"] = search.encode_page_token(offset + limit)
-            return result
-
-        return self.tracking.read(run)
+        return self.tracking.read(lambda conn: page(conn, query, limit, offset, "models", self._models_json))
 
     @staticmethod
     def _models_json(conn, rows) -> list[dict]:

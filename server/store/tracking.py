@@ -62,6 +62,17 @@ def metric_json(key: str, value: float, timestamp: int, step: int, is_nan: bool)
     return {"key": key, "value": "NaN" if is_nan else value, "timestamp": timestamp, "step": step}
 
 
+def page(conn, query, limit: int, offset: int, field: str, to_json: Callable) -> dict:
+    """One page of a search whose query fetched limit + 1 rows: the extra row means there is more."""
+    rows = conn.execute(query).all()
+    result = {}
+    if rows:
+        result[field] = to_json(conn, rows[:limit])
+    if len(rows) > limit:
+        result["next_page_token"] = search.encode_page_token(offset + limit)
+    return result
+
+
 def _retryable(exc: Exception) -> bool:
     if getattr(exc, "connection_invalidated", False):
         return True  # a pooled connection the database had closed; the pool already dropped it
@@ -205,16 +216,7 @@ class TrackingStore:
         offset = search.decode_page_token(page_token)
         query = search.experiments_query(filter_string, view_type, order_by, offset, limit + 1)
 
-        def run(conn):
-            rows = conn.execute(query).all()
-            result = {}
-            if rows:
-                result["experiments"] = self._experiment_json(conn, rows[:limit])
-            if len(rows) > limit:
-                result["next_page_token"] = search.encode_page_token(offset + limit)
-            return result
-
-        return self.read(run)
+        return self.read(lambda conn: page(conn, query, limit, offset, "experiments", self._experiment_json))
 
     def _set_experiment_stage(self, experiment_id, stage: str) -> None:
         exp_id = validation.experiment_id(experiment_id)
@@ -671,16 +673,7 @@ class TrackingStore:
         offset = search.decode_page_token(page_token)
         query = search.runs_query(exp_ids, filter_string, view_type, order_by, offset, limit + 1)
 
-        def run(conn):
-            rows = conn.execute(query).all()
-            result = {}
-            if rows:
-                result["runs"] = self._runs_json(conn, rows[:limit])
-            if len(rows) > limit:
-                result["next_page_token"] = search.encode_page_token(offset + limit)
-            return result
-
-        return self.read(run)
+        return self.read(lambda conn: page(conn, query, limit, offset, "runs", self._runs_json))
 
     def _runs_json(self, conn, rows) -> list[dict]:
         """Full Run entities for `rows`, hydrated with one query per child table, not per run."""
