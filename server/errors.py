@@ -5,10 +5,11 @@ from __future__ import annotations
 
 
 class RunyardError(Exception):
-    def __init__(self, message: str, error_code: str = "INVALID_PARAMETER_VALUE"):
+    def __init__(self, message: str, error_code: str = "INVALID_PARAMETER_VALUE", status: int | None = None):
         super().__init__(message)
         self.message = message
         self.error_code = error_code
+        self.status = status  # only where HTTP says more than MLflow's code does (e.g. 413)
 
 
 def invalid(message: str) -> RunyardError:

@@ -35,16 +35,15 @@ STATUS_BY_CODE = {
 }
 
 
-def error_response(code: str, message: str, headers: dict | None = None) -> Response:
+def error_response(code: str, message: str, status: int | None = None) -> Response:
     body = orjson.dumps({"error_code": code, "message": message})
-    return Response(body, status_code=STATUS_BY_CODE.get(code, 500), media_type="application/json",
-                    headers=headers)
+    return Response(body, status_code=status or STATUS_BY_CODE.get(code, 500), media_type="application/json")
 
 
 def from_exception(exc: BaseException) -> Response:
     """The response for any exception a handler raised; never a stack trace on the wire."""
     if isinstance(exc, RunyardError):
-        return error_response(exc.error_code, exc.message)
+        return error_response(exc.error_code, exc.message, exc.status)
     # Imported lazily: the error path must not slow down module import for the hot path.
     from sqlalchemy import exc as sa_exc
 

@@ -647,3 +647,11 @@ def test_artifact_proxy_put_get_list_delete(api):
     )
     listing = api.ok(api.http.get(f"{api.url}{ARTIFACTS}", params={"path": root}, timeout=60))
     assert listing == {"files": [{"path": "deep", "is_dir": True}]}
+
+
+def test_oversized_json_body_is_refused_with_413(server):
+    body = b'{"name": "' + b"x" * (64 * 2**20 + 10) + b'"}'
+    r = requests.post(f"{server.url}{API}/experiments/create", data=body,
+                      headers={"Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == 413
+    assert r.json()["error_code"] == "INVALID_PARAMETER_VALUE"
