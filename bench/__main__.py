@@ -38,8 +38,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run with small counts (about 2 minutes)")
     p.add_argument("--backends", default="sqlite,postgresql", help="comma list of sqlite,postgresql")
     p.add_argument("--only", choices=["runyard", "mlflow"], help="measure only one of the two servers")
-    p.add_argument("--runyard-workers", type=int_list, default=[1], metavar="N[,N]",
-                   help="runyard --workers values, one column each (default 1)")
+    p.add_argument("--runyard-workers", type=int_list, default=[1, 2], metavar="N[,N]",
+                   help="runyard --workers values, one column each (default 1,2: w2 shows that "
+                        "several workers do not stall on keep-alive connections)")
     p.add_argument("--mlflow-workers", type=int_list, default=[1, 2], metavar="N[,N]",
                    help="mlflow --workers values, one column each (default 1,2)")
     p.add_argument("--workloads", default=",".join(WORKLOADS),

@@ -199,9 +199,7 @@ def host_checker(config: ServerConfig):
     defaults = {"localhost", config.host.lower()}
 
     def check(host_header: str) -> bool:
-        host = host_header.lower()
-        host = host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0] if host.count(
-            ":") == 1 else host
+        host = _hostname(host_header.lower())
         if host in defaults or host in allowed:
             return True
         if any(pattern.startswith("*.") and host.endswith(pattern[1:]) for pattern in allowed):
@@ -215,6 +213,15 @@ def host_checker(config: ServerConfig):
         return address.is_loopback or address.is_private
 
     return check
+
+
+def _hostname(host_header: str) -> str:
+    """The name or address of a Host header, without the port: "[::1]:80" -> "::1", "a:80" -> "a"."""
+    if host_header.startswith("["):
+        return host_header[1:].split("]", 1)[0]
+    if host_header.count(":") == 1:
+        return host_header.rsplit(":", 1)[0]
+    return host_header
 
 
 def create_app(config: ServerConfig | None = None) -> RunyardApp:

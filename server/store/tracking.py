@@ -316,7 +316,7 @@ class TrackingStore:
             return row
 
         row = self.write(create)
-        return {"info": _run_info(_Obj(row)),
+        return {"info": _run_info(row),
                 "data": {"tags": [{"key": k, "value": v} for k, v in tag_map.items()]},
                 "inputs": {}, "outputs": {}}
 
@@ -367,7 +367,7 @@ class TrackingStore:
                        ["value"])
             if values:
                 conn.execute(runs.update().where(runs.c.run_uuid == run_id).values(values))
-            return _run_info(self._run_row(conn, run_id))
+            return _run_info(self._run_row(conn, run_id)._mapping)
 
         return self.write(update)
 
@@ -678,7 +678,8 @@ class TrackingStore:
     def _runs_json(self, conn, rows) -> list[dict]:
         """Full Run entities for `rows`, hydrated with one query per child table, not per run."""
         ids = [r.run_uuid for r in rows]
-        out = {r.run_uuid: {"info": _run_info(r), "data": {}, "inputs": {}, "outputs": {}} for r in rows}
+        out = {r.run_uuid: {"info": _run_info(r._mapping), "data": {}, "inputs": {}, "outputs": {}}
+               for r in rows}
 
         def add(run_id, section, field, item):
             out[run_id][section].setdefault(field, []).append(item)
@@ -734,21 +735,15 @@ class TrackingStore:
                                                                  "step": link.step})
 
 
-class _Obj:
-    """Attribute access over a dict, so freshly inserted rows format like fetched ones."""
-
-    def __init__(self, data: dict):
-        self.__dict__.update(data)
-
-
 def _run_info(r) -> dict:
-    info = {"run_id": r.run_uuid, "run_uuid": r.run_uuid, "run_name": r.name or "",
-            "experiment_id": str(r.experiment_id), "user_id": r.user_id or "", "status": r.status,
-            "artifact_uri": r.artifact_uri or "", "lifecycle_stage": r.lifecycle_stage}
-    if r.start_time is not None:
-        info["start_time"] = r.start_time
-    if r.end_time is not None:
-        info["end_time"] = r.end_time
+    """RunInfo from a runs row (a mapping: a fetched row's `_mapping`, or the dict just inserted)."""
+    info = {"run_id": r["run_uuid"], "run_uuid": r["run_uuid"], "run_name": r["name"] or "",
+            "experiment_id": str(r["experiment_id"]), "user_id": r["user_id"] or "", "status": r["status"],
+            "artifact_uri": r["artifact_uri"] or "", "lifecycle_stage": r["lifecycle_stage"]}
+    if r["start_time"] is not None:
+        info["start_time"] = r["start_time"]
+    if r["end_time"] is not None:
+        info["end_time"] = r["end_time"]
     return info
 
 
