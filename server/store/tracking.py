@@ -92,11 +92,16 @@ class TrackingStore:
         self._latest_upsert = _latest_metric_upsert(self.dialect)
 
     # ------------------------------------------------------------------ transactions
-    def write(self, fn: Callable, *args):
-        """Run fn(conn, *args) in one write transaction, retrying transient conflicts."""
+    def write(self, fn: Callable, *args, single_statement: bool = False):
+        """Run fn(conn, *args) in one write transaction, retrying transient conflicts.
+        `single_statement`: fn issues one statement, atomic by itself, so it runs in autocommit mode
+        and saves the BEGIN and COMMIT round trips."""
         for attempt in range(6):
             try:
                 with self.engine.connect() as conn:
+                    if single_statement:
+                        conn.execution_options(isolation_level="AUTOCOMMIT")
+                        return fn(conn, *args)
                     conn.execution_options(sqlite_begin="IMMEDIATE")
                     with conn.begin():
                         return fn(conn, *args)
@@ -405,6 +410,10 @@ class TrackingStore:
         metric_rows, latest, model_points = self._metric_rows(run_id, metric_points)
         param_map = self._validated_params(param_pairs)
         tag_map = self._validated_tags(tag_pairs)
+        if self.dialect == "postgresql" and metric_rows and not (param_map or tag_map or model_points):
+            self.write(self._log_metrics_pg, run_id, metric_rows, list(latest.values()),
+                       single_statement=True)
+            return
 
         def log(conn):
             state = self._require_active_run(conn, run_id)
@@ -478,6 +487,18 @@ class TrackingStore:
         if new:
             conn.execute(params.insert(), new)
 
+    @staticmethod
+    def _log_metrics_pg(conn, run_id: str, rows: list[dict], latest: list[dict]) -> None:
+        """log-metric and metric-only batches on PostgreSQL: the run check, the history insert and the
+        latest-value upsert in one statement, one round trip (the hottest call of all)."""
+        arrays = {**_pg_metric_arrays(rows), **_pg_metric_arrays(latest, prefix="latest_")}
+        state = conn.execute(_PG_LOG_METRICS, {"run_uuid": run_id, **arrays}).first()
+        if state is None:
+            raise not_found(f"Run with id={run_id} not found")
+        if state.lifecycle_stage != "active":  # nothing was written: the inserts are guarded by it
+            raise invalid(f"The run {run_id} must be in the 'active' state. "
+                          f"Current state is {state.lifecycle_stage}.")
+
     def _insert_metrics(self, conn, rows: list[dict]) -> None:
         if self.dialect == "sqlite":
             # The driver's own executemany over plain tuples: building SQLAlchemy's per-row
@@ -492,10 +513,7 @@ class TrackingStore:
             return
         # PostgreSQL: one statement with one array parameter per column instead of a
         # statement per point (the driver's executemany), several times faster for big batches.
-        conn.execute(_PG_METRICS_FROM_ARRAYS, {
-            "run_uuid": rows[0]["run_uuid"], "keys": [r["key"] for r in rows],
-            "timestamps": [r["timestamp"] for r in rows], "steps": [r["step"] for r in rows],
-            "values": [r["value"] for r in rows], "nans": [r["is_nan"] for r in rows]})
+        conn.execute(_PG_METRICS_FROM_ARRAYS, {"run_uuid": rows[0]["run_uuid"], **_pg_metric_arrays(rows)})
 
     def _update_latest(self, conn, rows: list[dict]) -> None:
         if self._latest_upsert is not None:
@@ -791,11 +809,35 @@ def _validate_dataset(d: dict) -> None:
 
 _SQLITE_METRICS_INSERT = ("INSERT OR IGNORE INTO metrics (run_uuid, key, timestamp, step, value, is_nan) "
                           "VALUES (?, ?, ?, ?, ?, ?)")
+def _pg_metric_arrays(rows: list[dict], prefix: str = "") -> dict:
+    """One array parameter per column (PostgreSQL unnests them), instead of one statement per row."""
+    return {f"{prefix}{column}": [r[column] for r in rows]
+            for column in ("key", "timestamp", "step", "value", "is_nan")}
+
+
+def _pg_unnest(prefix: str = "") -> str:
+    return (f"unnest(CAST(:{prefix}key AS varchar[]), CAST(:{prefix}timestamp AS bigint[]), "
+            f"CAST(:{prefix}step AS bigint[]), CAST(:{prefix}value AS double precision[]), "
+            f"CAST(:{prefix}is_nan AS boolean[])) AS p(key, timestamp, step, value, is_nan)")
+
+
 _PG_METRICS_FROM_ARRAYS = sa.text(
     "INSERT INTO metrics (run_uuid, key, timestamp, step, value, is_nan) "
-    "SELECT :run_uuid, * FROM unnest(CAST(:keys AS varchar[]), CAST(:timestamps AS bigint[]), "
-    "CAST(:steps AS bigint[]), CAST(:values AS double precision[]), CAST(:nans AS boolean[])) "
-    "ON CONFLICT DO NOTHING")
+    f"SELECT :run_uuid, p.* FROM {_pg_unnest()} ON CONFLICT DO NOTHING")
+
+# The statement text is fixed: every value travels as a bound parameter.
+_PG_LOG_METRICS = sa.text(
+    "WITH run AS (SELECT lifecycle_stage FROM runs WHERE run_uuid = :run_uuid), "
+    "history AS (INSERT INTO metrics (run_uuid, key, timestamp, step, value, is_nan) "
+    f"  SELECT :run_uuid, p.* FROM {_pg_unnest()} "
+    "  WHERE EXISTS (SELECT 1 FROM run WHERE lifecycle_stage = 'active') ON CONFLICT DO NOTHING), "
+    "latest AS (INSERT INTO latest_metrics AS old (run_uuid, key, timestamp, step, value, is_nan) "
+    f"  SELECT :run_uuid, p.* FROM {_pg_unnest('latest_')} "
+    "  WHERE EXISTS (SELECT 1 FROM run WHERE lifecycle_stage = 'active') "
+    "  ON CONFLICT (run_uuid, key) DO UPDATE SET value = excluded.value, timestamp = excluded.timestamp, "
+    "  step = excluded.step, is_nan = excluded.is_nan "
+    "  WHERE (excluded.step, excluded.timestamp, excluded.value) > (old.step, old.timestamp, old.value)) "
+    "SELECT lifecycle_stage FROM run")
 
 
 def _latest_metric_upsert(dialect: str):
