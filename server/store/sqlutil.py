@@ -32,17 +32,14 @@ def among(conn: sa.Connection, column: sa.ColumnElement, ids: Sequence) -> sa.Co
 
 def raw_rows(conn: sa.Connection, stmt: sa.Select) -> list[tuple]:
     """Plain tuples straight from the driver's cursor, for reads of many thousand rows where building
-    SQLAlchemy Row objects would cost more than the query. Runs inside `conn`'s transaction."""
-    compiled = stmt.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
-    params = compiled.params
-    if compiled.positional:
-        params = tuple(params[name] for name in compiled.positiontup)
-    cursor = conn.connection.dbapi_connection.cursor()
+    SQLAlchemy Row objects would cost more than the query. The statement still goes through
+    SQLAlchemy (its compiled-statement cache, bound parameters); only the row wrapping is skipped, so
+    use it for columns that need no result conversion (strings, numbers, booleans)."""
+    result = conn.execute(stmt)
     try:
-        cursor.execute(str(compiled), params)
-        return cursor.fetchall()
+        return result.cursor.fetchall()
     finally:
-        cursor.close()
+        result.close()
 
 
 def _insert_for(conn: sa.Connection, table: sa.Table):
