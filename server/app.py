@@ -30,8 +30,6 @@ log = logging.getLogger("runyard.server")
 
 _JSON_TYPES = ("application/json",)
 _BODY_METHODS = ("POST", "PUT")
-# Dataset profiles (16 MiB) and schemas (1 MiB) are the largest legitimate JSON fields.
-MAX_JSON_BODY = 64 * 2**20
 
 
 def all_routes() -> list[Route]:
@@ -161,27 +159,7 @@ async def _decode(request: Request) -> Message:
         if content_type not in _JSON_TYPES:
             raise RunyardError("Bad Request. Content-Type must be one of ['application/json']",
                                "INVALID_PARAMETER_VALUE")
-    return Message.from_json(await _bounded_body(request))
-
-
-async def _bounded_body(request: Request) -> bytes:
-    """The JSON body, refused past MAX_JSON_BODY: a request must not be able to exhaust memory."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_JSON_BODY:
-        raise _too_large()
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_JSON_BODY:
-            raise _too_large()
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _too_large() -> RunyardError:
-    return RunyardError(f"The request body exceeds {MAX_JSON_BODY // 2**20} MiB; JSON requests must be "
-                        "smaller (upload large files through the artifact routes).",
-                        "INVALID_PARAMETER_VALUE", status=413)
+    return await Message.from_request_body(request)
 
 
 def _request_id(request: Request) -> str:

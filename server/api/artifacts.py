@@ -19,6 +19,7 @@ import orjson
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 
+from server.api.message import Message
 from server.api.routing import raw_route
 from server.artifacts.base import (
     ArtifactRepository,
@@ -230,14 +231,7 @@ async def presigned_download(request: Request, repo: ArtifactRepository, artifac
 
 
 async def _json_body(request: Request) -> dict:
-    raw = await request.body()
-    try:
-        body = orjson.loads(raw) if raw.strip() else {}
-    except orjson.JSONDecodeError:
-        raise invalid("Malformed JSON request body") from None
-    if not isinstance(body, dict):
-        raise invalid("The request body must be a JSON object")
-    return body
+    return (await Message.from_request_body(request)).data
 
 
 def _multipart_target(directory: str, body: dict) -> str:

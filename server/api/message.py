@@ -15,10 +15,12 @@ from typing import Any
 
 import orjson
 
-from server.errors import invalid
+from server.errors import RunyardError, invalid
 
 _MISSING = object()
 INT64_MAX = 2**63 - 1
+# Dataset profiles (16 MiB) and schemas (1 MiB) are the largest legitimate JSON fields.
+MAX_JSON_BODY = 64 * 2**20
 
 
 @functools.cache
@@ -55,6 +57,21 @@ class Message:
         if not isinstance(data, dict):
             raise invalid("The request body must be a JSON object.")
         return cls(data)
+
+    @classmethod
+    async def from_request_body(cls, request) -> Message:
+        """The JSON body of a Starlette request, refused past MAX_JSON_BODY before it is buffered:
+        a request must not be able to exhaust memory."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_JSON_BODY:
+            raise _too_large()
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_JSON_BODY:
+                raise _too_large()
+            chunks.append(chunk)
+        return cls.from_json(b"".join(chunks))
 
     @classmethod
     def from_query_items(cls, items: list[tuple[str, str]]) -> Message:
@@ -185,6 +202,12 @@ class Message:
         if not isinstance(value, dict):
             raise _bad(name, value, "expected an object")
         return Message(value)
+
+
+def _too_large() -> RunyardError:
+    return RunyardError(f"The request body exceeds {MAX_JSON_BODY // 2**20} MiB; JSON requests must be "
+                        "smaller (upload large files through the artifact routes).",
+                        "INVALID_PARAMETER_VALUE", status=413)
 
 
 def _loads(text: bytes | str):
