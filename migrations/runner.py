@@ -8,9 +8,7 @@ Engines are expected from `server.store.uri.create_engine` (its SQLite engine ho
 from __future__ import annotations
 
 import io
-import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,14 +19,16 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 
+from migrations import locks, marker
+from migrations.marker import Operation
 from server.errors import RunyardError
 from server.store.schema import metadata
 from server.store.uri import SUPPORTED_DIALECTS, embedded_folder, is_sqlalchemy_uri, redact
 
 SCRIPT_LOCATION = Path(__file__).resolve().parent
-LOCK_NAME = "runyard_migrations"
-PG_LOCK_KEY = zlib.crc32(LOCK_NAME.encode())  # any fixed bigint; advisory locks are keyed by number
-LOCK_TIMEOUT_S = 300
+# Where a failed migration is undone by the database itself; elsewhere (MySQL, MariaDB) DDL commits
+# implicitly, and only a backup brings the database back.
+TRANSACTIONAL_DDL = frozenset({"sqlite", "postgresql", "mssql"})
 
 
 def _config(**attributes) -> Config:
@@ -53,6 +53,7 @@ class SchemaState:
     head: str
     known: bool  # the stored revision is part of this runyard's chain (or there is none)
     runyard_tables: tuple[str, ...]  # tables of ours present in the database
+    interrupted: Operation | None = None  # an upgrade or restore that did not finish
 
     @property
     def empty(self) -> bool:
@@ -85,7 +86,7 @@ def _state(conn: sa.Connection) -> SchemaState:
     known = all(_knows(scripts, head) for head in heads)
     present = set(sa.inspect(conn).get_table_names())
     ours = tuple(sorted(present & set(metadata.tables)))
-    return SchemaState(revision, scripts.get_current_head(), known, ours)
+    return SchemaState(revision, scripts.get_current_head(), known, ours, marker.read(conn, present))
 
 
 def _knows(scripts: ScriptDirectory, revision: str) -> bool:
@@ -104,49 +105,19 @@ def current_revision(engine: sa.Engine) -> str | None:
     return schema_state(engine).revision
 
 
-@contextmanager
-def _exclusive(engine: sa.Engine) -> Iterator[sa.Connection]:
-    """A connection inside a transaction that holds the migration lock, so that of several processes
-    starting at once only one migrates and the others then find its result."""
-    with engine.connect() as conn:
-        name = conn.dialect.name
-        if name == "sqlite":
-            conn.execution_options(sqlite_begin="IMMEDIATE")  # takes SQLite's write lock at BEGIN
-        with conn.begin():
-            if name == "postgresql":
-                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_LOCK_KEY})
-            elif name == "mssql":
-                conn.execute(sa.text("EXEC sp_getapplock @Resource = :name, @LockMode = 'Exclusive', "
-                                     "@LockOwner = 'Transaction', @LockTimeout = :ms"),
-                             {"name": LOCK_NAME, "ms": LOCK_TIMEOUT_S * 1000})
-            elif name in ("mysql", "mariadb"):
-                # DDL commits implicitly on MySQL, so the lock must be a session lock, released by hand.
-                got = conn.execute(sa.text("SELECT GET_LOCK(:name, :timeout)"),
-                                   {"name": LOCK_NAME, "timeout": LOCK_TIMEOUT_S}).scalar()
-                if got != 1:
-                    raise RunyardError("Timed out waiting for another runyard process to finish migrating "
-                                       "the database", "INVALID_STATE")
-                try:
-                    yield conn
-                finally:
-                    _release_mysql_lock(conn)
-                return
-            yield conn
-
-
-def _release_mysql_lock(conn: sa.Connection) -> None:
-    try:
-        conn.execute(sa.text("SELECT RELEASE_LOCK(:name)"), {"name": LOCK_NAME})
-    except sa.exc.DBAPIError:
-        conn.invalidate()  # closing the session releases the lock; never return it to the pool holding it
-
-
 def _quote(text: str) -> str:
     return "'" + text.replace("'", "'\\''") + "'"
 
 
+def upgrade_command(uri_for_messages: str) -> str:
+    return f"runyard db upgrade {_quote(redact(uri_for_messages))}"
+
+
 def mismatch_message(state: SchemaState, uri_for_messages: str) -> str:
     shown = redact(uri_for_messages)
+    if state.interrupted is not None:
+        return (f"{state.interrupted.describe()} did not finish. Run: {upgrade_command(shown)} "
+                "(it finishes or undoes the interrupted operation).")
     if state.status == "unmanaged":
         tables = ", ".join(state.runyard_tables)
         return (f"Database {shown} already holds tables named like runyard's ({tables}) "
@@ -158,45 +129,147 @@ def mismatch_message(state: SchemaState, uri_for_messages: str) -> str:
                 "version. (If the database belongs to another application, such as an MLflow server, "
                 "give runyard a database of its own.)")
     return (f"Database schema is at revision {state.revision or 'none'} but this runyard needs {state.head}. "
-            f"Take a backup, then run: runyard db upgrade {_quote(shown)}")
+            f"Run: {upgrade_command(shown)} (it backs the database up first).")
 
 
-def _refuse_unless_upgradable(state: SchemaState, uri_for_messages: str) -> None:
+def refuse_unless_upgradable(state: SchemaState, uri_for_messages: str) -> None:
     if state.status in ("ahead", "unmanaged"):
         raise RunyardError(mismatch_message(state, uri_for_messages), "INVALID_STATE")
 
 
-def _run_upgrade(conn: sa.Connection, revision: str) -> None:
+def _run_upgrade(conn: sa.Connection, revision: str,
+                 on_revision: Callable[[str], None] | None = None) -> None:
     try:
-        command.upgrade(_config(connection=conn), revision)
+        command.upgrade(_config(connection=conn, on_revision=on_revision), revision)
     except CommandError as exc:
         raise RunyardError(f"Cannot upgrade to {revision}: {exc}", "INVALID_STATE") from None
 
 
-def upgrade(engine: sa.Engine, revision: str = "head", uri_for_messages: str | None = None) -> SchemaState:
-    """Migrates the database to `revision`; returns the state it had before."""
+def _resolve(scripts: ScriptDirectory, revision: str) -> str:
+    try:
+        script = scripts.get_revision(revision)
+    except CommandError as exc:
+        raise RunyardError(f"Unknown revision {revision!r}: {exc}", "INVALID_PARAMETER_VALUE") from None
+    if script is None:
+        raise RunyardError(f"Unknown revision {revision!r}", "INVALID_PARAMETER_VALUE")
+    return script.revision
+
+
+def pending_revisions(state: SchemaState, revision: str = "head") -> list[str]:
+    """The revisions an upgrade from `state` to `revision` applies, oldest first."""
+    scripts = _scripts()
+    target = _resolve(scripts, revision)
+    if state.revision == target:
+        return []
+    steps = scripts.iterate_revisions(target, state.revision or "base")
+    return [script.revision for script in reversed(list(steps))]
+
+
+def _moved_tables(revisions: list[str]) -> set[str] | None:
+    """Tables whose row counts the given revisions may change (a revision declares them in `moves_rows`;
+    `True` means any table); None when any table may change."""
+    scripts = _scripts()
+    moved: set[str] = set()
+    for revision in revisions:
+        declared = getattr(scripts.get_revision(revision).module, "moves_rows", ())
+        if declared is True:
+            return None
+        moved.update(declared)
+    return moved
+
+
+def row_counts(conn: sa.Connection, tables) -> dict[str, int]:
+    quote = conn.dialect.identifier_preparer.quote
+    return {table: conn.execute(sa.text(f"SELECT COUNT(*) FROM {quote(table)}")).scalar_one()
+            for table in sorted(tables)}
+
+
+def _hold_writers(conn: sa.Connection, tables) -> None:
+    """Blocks writers (not readers) for the rest of the transaction, so the row counts compared around
+    the migration are not moved by a running server. SQLite's IMMEDIATE transaction already does."""
+    if conn.dialect.name == "postgresql" and tables:
+        quote = conn.dialect.identifier_preparer.quote
+        conn.execute(sa.text(f"LOCK TABLE {', '.join(quote(t) for t in sorted(tables))} IN SHARE MODE"))
+
+
+def _check_result(before: SchemaState, after: SchemaState, target: str, counts_before: dict[str, int],
+                  counts_after: dict[str, int], moved: set[str] | None) -> None:
+    if after.revision != target:
+        raise RunyardError(f"After migrating, the database is at revision {after.revision}, not {target}",
+                           "INVALID_STATE")
+    if moved is None:
+        return
+    changed = [f"{table} {count} -> {counts_after[table]}" for table, count in counts_before.items()
+               if table in counts_after and table not in moved and count != counts_after[table]]
+    if changed:
+        raise RunyardError("Row counts changed in tables no migration was meant to touch: "
+                           + ", ".join(changed), "INVALID_STATE")
+
+
+def migrate(engine: sa.Engine, revision: str = "head", backup: str | None = None,
+            on_revision: Callable[[str], None] | None = None) -> SchemaState:
+    """Applies the pending revisions and checks the result; returns the state afterwards. The caller
+    holds `locks.session_lock` and has refused databases that cannot be upgraded.
+
+    The interrupted-operation marker (naming `backup`) is committed first. Where DDL is transactional
+    the revisions, the check and the marker's removal are one transaction, so a failure or a killed
+    process leaves the database exactly as it was (plus the marker, when killed); elsewhere each
+    statement commits, and the caller restores the backup after a failure.
+    """
+    with engine.connect() as conn:
+        if conn.dialect.name == "sqlite":
+            conn.execution_options(sqlite_begin="IMMEDIATE")
+        with conn.begin():
+            before = _state(conn)
+            revisions = pending_revisions(before, revision)
+            target = revisions[-1] if revisions else before.revision
+            marker.write(conn, Operation("upgrade", before.revision, target, backup))
+        transactional = conn.dialect.name in TRANSACTIONAL_DDL
+        with conn.begin():
+            _hold_writers(conn, before.runyard_tables)
+            counts_before = row_counts(conn, before.runyard_tables)
+            _run_upgrade(conn, revision, on_revision)
+            after = _state(conn)
+            _check_result(before, after, target, counts_before, row_counts(conn, after.runyard_tables),
+                          _moved_tables(revisions))
+            if transactional:
+                marker.clear(conn)
+        if not transactional:
+            with conn.begin():
+                marker.clear(conn)
+    return schema_state(engine)
+
+
+def upgrade(engine: sa.Engine, revision: str = "head", uri_for_messages: str | None = None,
+            lock_timeout_s: float = locks.TRANSACTION_LOCK_TIMEOUT_S) -> SchemaState:
+    """Migrates the database to `revision` under the migration lock, without a backup (the toolkit's
+    `runyard db upgrade` adds one); returns the state it had before."""
     uri = uri_for_messages or engine.url.render_as_string(hide_password=True)
-    with _exclusive(engine) as conn:
-        before = _state(conn)
-        _refuse_unless_upgradable(before, uri)
-        if not (before.at_head and revision == "head"):
-            _run_upgrade(conn, revision)
+    with locks.session_lock(engine, lock_timeout_s):
+        before = schema_state(engine)
+        if before.interrupted is not None:
+            raise RunyardError(mismatch_message(before, uri), "INVALID_STATE")
+        refuse_unless_upgradable(before, uri)
+        if pending_revisions(before, revision):
+            migrate(engine, revision)
     return before
 
 
 def ensure_schema(engine: sa.Engine, uri_for_messages: str) -> None:
     """Initialises an empty database; refuses (RunyardError INVALID_STATE) one at any other revision
-    than head, or holding our tables without a revision."""
-    if schema_state(engine).at_head:
+    than head, one holding our tables without a revision, and one whose upgrade or restore was
+    interrupted."""
+    state = schema_state(engine)
+    if state.at_head and state.interrupted is None:
         return
     # Decide under the lock: another process may be migrating right now, and on MySQL (DDL is not
     # transactional) its half-done work is visible until it stamps the revision.
-    with _exclusive(engine) as conn:
+    with locks.transaction_lock(engine) as conn:
         state = _state(conn)
-        if state.empty:
+        if state.empty and state.interrupted is None:
             _run_upgrade(conn, "head")
             return
-    if not state.at_head:
+    if not state.at_head or state.interrupted is not None:
         raise RunyardError(mismatch_message(state, uri_for_messages), "INVALID_STATE")
 
 

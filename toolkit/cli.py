@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from enum import Enum
 from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.text import Text
 
 from server.errors import RunyardError
+from server.store.uri import redact
 from toolkit import db
 
 app = typer.Typer(
@@ -22,7 +32,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,  # tracebacks with locals could show a database password
 )
-db_app = typer.Typer(help="Inspect and migrate the backend store's schema.", no_args_is_help=True)
+db_app = typer.Typer(help="Back up, verify, restore and migrate the backend store.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
 out = Console(soft_wrap=True, highlight=False)
@@ -125,7 +135,7 @@ def db_current(uri: UriArg, as_json: JsonOpt = False) -> None:
     notes = {
         "current": "up to date",
         "empty": "empty database: `runyard server` initialises it, or run `runyard db upgrade`",
-        "behind": "upgrade pending: take a backup, then run `runyard db upgrade`",
+        "behind": "upgrade pending: run `runyard db upgrade` (it backs the database up first)",
         "ahead": "migrated by a newer runyard: upgrade runyard",
         "unmanaged": "holds runyard-like tables that runyard did not create",
     }
@@ -133,32 +143,192 @@ def db_current(uri: UriArg, as_json: JsonOpt = False) -> None:
     out.print(f"revision  {report['revision'] or 'none'}", markup=False)
     out.print(f"head      {report['head']}", markup=False)
     out.print(f"status    {notes[report['status']]}", markup=False)
+    if report["interrupted"]:
+        out.print(f"warning   an interrupted {report['interrupted']['kind']} was found: run `runyard db "
+                  "upgrade` to finish or undo it", markup=False)
+
+
+class _StageLines(db.Progress):
+    """Progress as plain lines on stderr: what a job's log or a pipe should get."""
+
+    def stage(self, text: str) -> None:
+        err.print(f"• {text}", markup=False)
+
+    def revisions(self, pending: list[str]):
+        return lambda revision: err.print(f"  applied {revision}", markup=False)
+
+    def waiting(self) -> None:
+        self.stage("Waiting: another runyard process holds the migration lock")
+
+
+class _StageBars(_StageLines):
+    """Progress drawn live on a terminal: a spinner per step, a bar over the revisions."""
+
+    def __init__(self, progress: Progress):
+        self._progress = progress
+        self._task = None
+
+    def _finish(self) -> None:
+        if self._task is not None:
+            task = self._progress.tasks[self._task]
+            self._progress.update(self._task, total=task.total or 1, completed=task.total or 1)
+
+    def stage(self, text: str) -> None:
+        self._finish()
+        self._task = self._progress.add_task(text, total=None)
+
+    def revisions(self, pending: list[str]):
+        self._finish()
+        self._task = self._progress.add_task(f"Applying {len(pending)} revision(s)", total=len(pending))
+        return lambda revision: self._progress.advance(self._task)
+
+    def close(self) -> None:
+        self._finish()
+
+
+@contextmanager
+def _progress():
+    if not err.is_terminal:
+        yield _StageLines()
+        return
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=False) as bars:
+        reporter = _StageBars(bars)
+        try:
+            yield reporter
+        finally:
+            reporter.close()
+
+
+def _confirm(question: str, yes: bool, as_json: bool) -> None:
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        _fail("Refusing to go on without confirmation: pass --yes (e.g. in a job)", "INVALID_PARAMETER_VALUE",
+              as_json)
+    if not typer.confirm(question, default=False, err=True):
+        raise typer.Exit(1)
+
+
+def _print_tables(tables: dict) -> None:
+    for table, rows in sorted(tables.items()):
+        out.print(f"  {table:<24} {rows:>12,} rows", markup=False)
+
+
+DestOpt = Annotated[str, typer.Option("--to", help="Folder or object-store URI to write the backup into.",
+                                      show_default=False)]
+KeepOpt = Annotated[int | None, typer.Option(
+    "--keep", min=1, help="Keep only the newest N backups of this database in the destination.",
+    show_default=False)]
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation (for jobs).")]
+LockTimeoutOpt = Annotated[float, typer.Option(
+    "--lock-timeout", min=0, help="Seconds to wait for another runyard process holding the migration lock.")]
+BackupArg = Annotated[str, typer.Argument(help="A backup: its folder, or its URI in an object store.",
+                                          show_default=False)]
+
+
+@db_app.command("backup")
+def db_backup(uri: UriArg, to: DestOpt, keep: KeepOpt = None, as_json: JsonOpt = False) -> None:
+    """Back the database up, with a manifest of every table's row count and checksum."""
+    with _progress() as progress:
+        report = _run(db.backup, uri, to, keep=keep, progress=progress, as_json=as_json)
+    if as_json:
+        return _print_json(report)
+    out.print(f"Backed up {report['database']} (revision {report['revision'] or 'none'}) to "
+              f"{report['backup']}: {report['size_bytes']:,} bytes in {report['duration_s']:.1f} s.",
+              markup=False)
+    _print_tables(report["tables"])
+    for removed in report["pruned"]:
+        out.print(f"Removed old backup {removed}", markup=False)
+
+
+@db_app.command("verify")
+def db_verify(
+    backup: BackupArg,
+    using: Annotated[str | None, typer.Option(
+        "--using", help="Database URI of a server to restore into (its account must be able to create "
+                        "databases). Default: the server the backup came from.", show_default=False)] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Restore a backup into a scratch database and compare it with its manifest."""
+    with _progress() as progress:
+        report = _run(db.verify, backup, using=using, progress=progress, as_json=as_json)
+    if as_json:
+        return _print_json(report)
+    out.print(f"Verified {report['backup']}: every table restores to its recorded rows and checksum "
+              f"({report['duration_s']:.1f} s).", markup=False)
+    _print_tables(report["tables"])
+
+
+@db_app.command("restore")
+def db_restore(
+    uri: UriArg,
+    source: Annotated[str, typer.Option("--from", help="The backup to restore: its folder or URI.",
+                                        show_default=False)],
+    any_revision: Annotated[bool, typer.Option(
+        "--any-revision", help="Restore a backup of another schema revision than the database's.")] = False,
+    yes: YesOpt = False,
+    lock_timeout: LockTimeoutOpt = db.DEFAULT_LOCK_TIMEOUT_S,
+    as_json: JsonOpt = False,
+) -> None:
+    """Replace the database's contents with a backup's, then check them against its manifest."""
+    _confirm(f"Replace every table of {redact(uri)} with the backup's?", yes, as_json)
+    with _progress() as progress:
+        report = _run(db.restore, uri, source, any_revision=any_revision, lock_timeout_s=lock_timeout,
+                      progress=progress, as_json=as_json)
+    if as_json:
+        return _print_json(report)
+    out.print(f"Restored {report['backup']} into {report['backend']} "
+              f"(revision {report['revision'] or 'none'}); it matches the manifest "
+              f"({report['duration_s']:.1f} s).", markup=False)
 
 
 @db_app.command("upgrade")
 def db_upgrade(
     uri: UriArg,
+    backup_to: Annotated[str | None, typer.Option(
+        "--backup-to", envvar="RUNYARD_BACKUP_TO", show_default=False,
+        help="Folder or object-store URI for the backup taken first (default for a folder store: "
+             "<folder>/backups). Also RUNYARD_BACKUP_TO.")] = None,
+    no_backup: Annotated[bool, typer.Option(
+        "--no-backup", help="Migrate without taking a backup first (not recommended).")] = False,
+    keep: KeepOpt = None,
     sql: Annotated[bool, typer.Option(
         "--sql", help="Print the SQL that would create the schema in an empty database of this dialect; "
                       "connect to nothing.")] = False,
+    yes: YesOpt = False,
+    lock_timeout: LockTimeoutOpt = db.DEFAULT_LOCK_TIMEOUT_S,
     as_json: JsonOpt = False,
 ) -> None:
-    """Migrate the database's schema to this runyard's revision. Take a backup first."""
+    """Back up, verify the backup, migrate the schema to this runyard's revision and check the result;
+    on any failure the database is brought back as it was."""
     if sql:
         report = _run(db.upgrade, uri, sql=True, as_json=as_json)
         if as_json:
             return _print_json(report)
         sys.stdout.write(report["sql"])
         return
-    with err.status("Migrating…"):
-        report = _run(db.upgrade, uri, as_json=as_json)
+    state = _run(db.current, uri, as_json=as_json)
+    if state["status"] == "behind" or state["interrupted"]:  # initialising an empty database risks nothing
+        _confirm(f"Upgrade the schema of {state['backend']} from {state['revision'] or 'nothing'} to "
+                 f"{state['head']}?", yes, as_json)
+    with _progress() as progress:
+        report = _run(db.upgrade, uri, backup_to=backup_to, no_backup=no_backup, keep=keep,
+                      lock_timeout_s=lock_timeout, progress=progress, as_json=as_json)
     if as_json:
         return _print_json(report)
+    for note in report["notes"]:
+        out.print(note, markup=False)
     if report["upgraded"]:
+        backed_up = f" (backup: {report['backup']})" if report["backup"] else ""
         out.print(f"Upgraded {report['backend']} from {report['previous_revision'] or 'an empty database'} "
-                  f"to {report['revision']}.", markup=False)
+                  f"to {report['revision']}{backed_up}.", markup=False)
     else:
-        out.print(f"{report['backend']} is already at {report['revision']}; nothing to do.", markup=False)
+        out.print(f"{report['backend']} is already at head ({report['revision']}); nothing to do.",
+                  markup=False)
+    for removed in report["pruned"]:
+        out.print(f"Removed old backup {removed}", markup=False)
 
 
 if __name__ == "__main__":

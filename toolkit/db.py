@@ -2,21 +2,49 @@
 
 Every operation takes a backend-store-uri as `runyard server` does, returns plain data for the CLI to
 print, and raises only RunyardError (database and driver failures become one-line messages without the
-password). Backup, verify and restore will join `current` and `upgrade` here.
+password).
+
+`upgrade` is the safe path: under the cross-process migration lock it backs the database up, proves the
+backup restores to what it recorded, migrates, checks the result, and undoes a failure (the database's
+own rollback where DDL is transactional, the backup elsewhere). A process killed half-way leaves a
+marker in the database; the next `upgrade` finishes or undoes what it finds.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
 
 import sqlalchemy as sa
 
-from migrations import runner
+from migrations import locks, marker, runner
+from migrations.marker import Operation
 from server.errors import RunyardError
 from server.store.uri import EMBEDDED_DB_NAME, create_engine, embedded_folder, redact, sqlalchemy_url
+from toolkit import backups, contents, dumps
 
 DRIVER_EXTRAS = {"pymssql": "mssql"}
+DEFAULT_LOCK_TIMEOUT_S = 3600.0  # a big database's backup can take a while
+
+
+class Progress:
+    """How long-running work reports itself. The CLI draws it; elsewhere it is silent."""
+
+    def stage(self, text: str) -> None:
+        """A new step begins."""
+
+    def revisions(self, pending: list[str]) -> Callable[[str], None] | None:
+        """Migrations are about to run; the returned callable is called as each revision is applied."""
+        return None
+
+    def waiting(self) -> None:
+        """Another process holds the migration lock; this one waits."""
+
+
+SILENT = Progress()
 
 
 def _reason(exc: BaseException, password: str | None) -> str:
@@ -38,7 +66,7 @@ def _engine(uri: str) -> Iterator[sa.Engine]:
     turned into RunyardError naming the (redacted) URI."""
     engine = None
     try:
-        engine = create_engine(uri, pool_size=1)
+        engine = create_engine(uri, pool_size=2)
         yield engine
     except sa.exc.DBAPIError as exc:
         raise RunyardError(f"Cannot use database {redact(uri)}: {_reason(exc.orig, _password(uri))}",
@@ -63,6 +91,19 @@ def _missing_embedded_db(uri: str) -> bool:
     return True
 
 
+def _family(dialect: str) -> str:
+    return "mysql" if dialect == "mariadb" else dialect
+
+
+def database_id(uri: str) -> str:
+    """Names a database the same way whatever password or driver the URI carries (for manifests)."""
+    folder = embedded_folder(uri)
+    if folder is not None:
+        return str(folder)
+    url = sqlalchemy_url(uri)
+    return url.set(drivername=_family(url.get_backend_name()), password=None).render_as_string(False)
+
+
 def _report(uri: str, state: runner.SchemaState) -> dict:
     return {
         "backend": redact(uri),
@@ -70,6 +111,7 @@ def _report(uri: str, state: runner.SchemaState) -> dict:
         "head": state.head,
         "status": state.status,
         "upgrade_pending": state.upgrade_pending,
+        "interrupted": state.interrupted.as_dict() if state.interrupted else None,
     }
 
 
@@ -81,21 +123,303 @@ def current(uri: str) -> dict:
         return _report(uri, runner.schema_state(engine))
 
 
-def upgrade(uri: str, sql: bool = False) -> dict:
-    """Migrates the database to head. With `sql`, only renders the SQL for an empty database of the
-    URI's dialect; nothing is connected to or written."""
-    if sql:
-        return {"backend": redact(uri), "head": runner.head_revision(), "sql": runner.offline_sql(uri)}
-    with _engine(uri) as engine:
-        before = runner.upgrade(engine, uri_for_messages=uri)
-        after = runner.schema_state(engine)
-    report = _report(uri, after)
-    report["previous_revision"] = before.revision
-    report["upgraded"] = before.revision != after.revision
-    return report
-
-
 def ensure_ready(uri: str) -> None:
     """What a starting server needs: an empty database is initialised, a mismatched one refused."""
     with _engine(uri) as engine:
         runner.ensure_schema(engine, uri)
+
+
+# ---- backup -----------------------------------------------------------------------------------------
+
+def _refuse_mssql(uri: str, what: str) -> None:
+    if runner.dialect_of(uri) != "mssql":
+        return
+    url = sqlalchemy_url(uri)
+    statements = "; ".join(dumps.mssql_statements(url.database or "runyard",
+                                                  f"/var/opt/mssql/backup/{url.database}.bak"))
+    raise RunyardError(
+        f"SQL Server writes backups to its own disk, so runyard cannot {what} them. Run with sqlcmd: "
+        f"{statements}. Then upgrade with --no-backup.", "INVALID_STATE")
+
+
+def backup(uri: str, to: str, keep: int | None = None, progress: Progress = SILENT) -> dict:
+    """Backs the database up into the destination `to` (a folder or an object-store URI)."""
+    _refuse_mssql(uri, "take")
+    if _missing_embedded_db(uri):
+        raise RunyardError(f"There is no database to back up at {embedded_folder(uri)}", "INVALID_STATE")
+    dest = backups.destination(to)
+    with _engine(uri) as engine:
+        state = runner.schema_state(engine)
+        return _backup(engine, uri, dest, state.revision, keep, progress)
+
+
+def _backup(engine: sa.Engine, uri: str, dest: backups.Destination, revision: str | None,
+            keep: int | None, progress: Progress) -> dict:
+    dialect = engine.dialect.name
+    started, created = time.monotonic(), datetime.now(UTC)
+    with dest.staging() as staged:
+        progress.stage(f"Backing up {redact(uri)}")
+        data = staged / dumps.data_file_name(dialect)
+        if dialect == "sqlite":
+            dumped = dumps.sqlite_dump(engine.url, data)
+        elif dialect == "postgresql":
+            dumped = dumps.postgres_dump(engine, engine.url, data)
+        else:
+            dumped = dumps.mysql_dump(engine, engine.url, data)
+        progress.stage("Writing the manifest")
+        stamp = created.strftime("%Y%m%dT%H%M%S.%f")[:-3] + "Z"
+        name = f"{backups.PREFIX}{stamp}-{revision or 'empty'}"
+        manifest = {
+            "format": backups.FORMAT,
+            "name": name,
+            "created_at": created.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "dialect": _family(dialect),
+            "database": database_id(uri),
+            "schema": dumped.tools.pop("schema", None),
+            "revision": revision,
+            "data_file": data.name,
+            "size_bytes": data.stat().st_size,
+            "sha256": backups.sha256_of(data),
+            "checksum_method": contents.method(dialect),
+            "tables": dumped.tables,
+            "tools": {"runyard": _runyard_version(), **dumped.tools},
+            "duration_s": round(time.monotonic() - started, 3),
+        }
+        backups.write_manifest(staged, manifest)
+        location = dest.publish(staged, name)
+    pruned = backups.prune(dest, manifest["database"], keep) if keep else []
+    return {"backup": location, "database": manifest["database"], "revision": revision,
+            "size_bytes": manifest["size_bytes"], "duration_s": manifest["duration_s"],
+            "tables": {table: stats["rows"] for table, stats in manifest["tables"].items()},
+            "pruned": pruned}
+
+
+def _runyard_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("runyard")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# ---- verify and restore -----------------------------------------------------------------------------
+
+@contextmanager
+def _open_backup(location: str) -> Iterator[tuple[dict, Path, str]]:
+    """The manifest and the checked dump file of a backup, fetched locally for the block."""
+    dest, name = backups.split(location)
+    shown = dest.location_of(name)
+    with dest.fetch(name) as folder:
+        manifest = backups.read_manifest(folder, shown)
+        yield manifest, backups.check_data_file(folder, manifest, shown), shown
+
+
+def _stats(url: sa.URL) -> dict[str, dict]:
+    if url.get_backend_name() == "sqlite":
+        return contents.sqlite_file_stats(url.database)
+    engine = dumps.engine_for(url)
+    try:
+        with engine.connect() as conn:
+            return contents.table_stats(conn)
+    finally:
+        engine.dispose()
+
+
+def _load(manifest: dict, url: sa.URL, data: Path) -> None:
+    dialect = _family(url.get_backend_name())
+    if dialect == "sqlite":
+        dumps.sqlite_restore(url, data)
+    elif dialect == "postgresql":
+        dumps.postgres_restore(url, data, manifest.get("schema") or "public")
+    else:
+        dumps.mysql_restore(url, data)
+
+
+def _same_kind(manifest: dict, url: sa.URL, location: str) -> None:
+    dialect = _family(url.get_backend_name())
+    if manifest["dialect"] != dialect:
+        raise RunyardError(f"Backup {location} is of a {manifest['dialect']} database; it cannot be restored "
+                           f"into {dialect}", "INVALID_PARAMETER_VALUE")
+
+
+def _compare(manifest: dict, actual: dict[str, dict], what: str) -> None:
+    diffs = contents.differences(manifest["tables"], actual)
+    if diffs:
+        shown = "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
+        raise RunyardError(f"{what} does not match the backup's manifest: {shown}", "INVALID_STATE")
+
+
+def verify(location: str, using: str | None = None, progress: Progress = SILENT) -> dict:
+    """Restores the backup into a scratch database of the same kind and compares it with the manifest.
+    PostgreSQL and MySQL need a server to do it on: `using` (a database URI whose account may create
+    databases), else the server the backup came from, as the manifest names it (without password)."""
+    started = time.monotonic()
+    with _open_backup(location) as (manifest, data, shown):
+        server = sqlalchemy_url(using) if using else _server_of(manifest)
+        _same_kind(manifest, server, shown)
+        progress.stage(f"Restoring {shown} into a scratch database")
+        try:
+            with dumps.scratch_database(server) as scratch:
+                _load(manifest, scratch, data)
+                progress.stage("Comparing with the manifest")
+                actual = _stats(scratch)
+        except sa.exc.DBAPIError as exc:
+            raise RunyardError(f"Cannot verify on {redact(server.render_as_string(False))}: "
+                               f"{_reason(exc.orig, server.password)}", "INVALID_STATE") from None
+        _compare(manifest, actual, f"Backup {shown}, restored,")
+    return {"backup": shown, "verified": True, "revision": manifest["revision"],
+            "tables": {table: stats["rows"] for table, stats in manifest["tables"].items()},
+            "duration_s": round(time.monotonic() - started, 3)}
+
+
+def _server_of(manifest: dict) -> sa.URL:
+    if manifest["dialect"] == "sqlite":
+        return sa.URL.create("sqlite")
+    return sqlalchemy_url(manifest["database"])
+
+
+def restore(uri: str, source: str, any_revision: bool = False,
+            lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S, progress: Progress = SILENT) -> dict:
+    """Replaces the database's contents with the backup's, then checks them against its manifest.
+    Refuses a backup of another schema revision than the database's unless `any_revision`."""
+    started = time.monotonic()
+    with _open_backup(source) as (manifest, data, shown), _engine(uri) as engine:
+        _same_kind(manifest, engine.url, shown)
+        with locks.session_lock(engine, lock_timeout_s, progress.waiting):
+            state = runner.schema_state(engine)
+            if not any_revision and not state.empty and state.revision != manifest["revision"]:
+                raise RunyardError(
+                    f"Backup {shown} is of schema revision {manifest['revision']} but the database is at "
+                    f"{state.revision}; restoring it would move the schema too. Pass --any-revision to "
+                    "restore it anyway.", "INVALID_STATE")
+            _restore_checked(engine, manifest, data, shown, state, progress)
+    return {"backend": redact(uri), "backup": shown, "revision": manifest["revision"],
+            "previous_revision": state.revision, "duration_s": round(time.monotonic() - started, 3)}
+
+
+def _restore_checked(engine: sa.Engine, manifest: dict, data: Path, shown: str,
+                     state: runner.SchemaState, progress: Progress) -> None:
+    """Restore under the marker (a killed restore is then found and redone), then compare."""
+    with engine.begin() as conn:
+        marker.write(conn, Operation("restore", state.revision, manifest["revision"], shown))
+    progress.stage(f"Restoring {shown}")
+    _load(manifest, engine.url, data)
+    engine.dispose()  # pooled connections may hold the schema as it was
+    progress.stage("Comparing with the manifest")
+    with engine.connect() as conn:
+        actual = contents.table_stats(conn)
+    _compare(manifest, actual, "The restored database")
+    with engine.begin() as conn:
+        marker.clear(conn)
+
+
+def _restore_location(engine: sa.Engine, location: str, state: runner.SchemaState,
+                      progress: Progress) -> None:
+    with _open_backup(location) as (manifest, data, shown):
+        _restore_checked(engine, manifest, data, shown, state, progress)
+
+
+# ---- upgrade ----------------------------------------------------------------------------------------
+
+def default_backup_destination(uri: str) -> str | None:
+    """Beside an embedded store its backups have an obvious home; a database server's do not."""
+    folder = embedded_folder(uri)
+    return str(folder / "backups") if folder is not None else None
+
+
+def upgrade(uri: str, sql: bool = False, backup_to: str | None = None, no_backup: bool = False,
+            keep: int | None = None, revision: str = "head", lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
+            progress: Progress = SILENT) -> dict:
+    """Migrates the database to `revision` the safe way (see the module's docstring). With `sql`, only
+    renders the SQL for an empty database of the URI's dialect; nothing is connected to or written."""
+    if sql:
+        return {"backend": redact(uri), "head": runner.head_revision(), "sql": runner.offline_sql(uri)}
+    if keep is not None and keep < 1:
+        raise RunyardError("--keep must be at least 1", "INVALID_PARAMETER_VALUE")
+    if not no_backup:
+        _refuse_mssql(uri, "take")
+    destination = None if no_backup else backup_to or default_backup_destination(uri)
+    started = time.monotonic()
+    with _engine(uri) as engine, locks.session_lock(engine, lock_timeout_s, progress.waiting):
+        before = runner.schema_state(engine)
+        notes = []
+        if before.interrupted is not None:
+            notes.append(_resolve_interrupted(engine, uri, before, progress))
+            before = runner.schema_state(engine)
+        runner.refuse_unless_upgradable(before, uri)
+        pending = runner.pending_revisions(before, revision)
+        made = None
+        if pending and not before.empty and not no_backup:
+            if destination is None:
+                raise RunyardError("Say where to keep the backup taken before upgrading: --backup-to DEST "
+                                   "(a folder or an object-store URI), or skip it with --no-backup",
+                                   "INVALID_PARAMETER_VALUE")
+            made = _backup(engine, uri, backups.destination(destination), before.revision, keep, progress)
+            verify(made["backup"], using=uri, progress=progress)
+        if pending:
+            progress.stage(f"Migrating {before.revision or 'an empty database'} → {pending[-1]}")
+            try:
+                runner.migrate(engine, revision, made and made["backup"], progress.revisions(pending))
+            except (Exception, KeyboardInterrupt) as exc:
+                raise RunyardError(_undo(engine, uri, before, made and made["backup"], pending[-1], exc,
+                                         progress), "INVALID_STATE") from None
+        after = runner.schema_state(engine)
+    report = _report(uri, after)
+    report.update(previous_revision=before.revision, upgraded=before.revision != after.revision,
+                  backup=made and made["backup"], pruned=made["pruned"] if made else [], notes=notes,
+                  duration_s=round(time.monotonic() - started, 3))
+    return report
+
+
+def _failure(exc: BaseException, uri: str) -> str:
+    if isinstance(exc, RunyardError):
+        return exc.message
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    return _reason(exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc, _password(uri))
+
+
+def _undo(engine: sa.Engine, uri: str, before: runner.SchemaState, backup_location: str | None,
+          target: str, exc: BaseException, progress: Progress) -> str:
+    """Brings the database back to `before` after a failed migration; returns what to tell the user."""
+    failed = (f"Upgrading from {before.revision or 'an empty database'} to {target} failed: "
+              f"{_failure(exc, uri)}.")
+    try:
+        now = runner.schema_state(engine)
+        if (engine.dialect.name in runner.TRANSACTIONAL_DDL and now.revision == before.revision
+                and now.runyard_tables == before.runyard_tables):
+            with engine.begin() as conn:
+                marker.clear(conn)
+            return (f"{failed} The database rolled the migration back; it is at "
+                    f"{before.revision or 'no revision'} as before.")
+        if backup_location is None:
+            return (f"{failed} No backup was taken (--no-backup), and this database commits each schema "
+                    "change: it may be partly migrated. Restore your own backup with `runyard db restore`.")
+        progress.stage(f"Restoring {backup_location}")
+        _restore_location(engine, backup_location, before, progress)
+    except (RunyardError, sa.exc.SQLAlchemyError, OSError) as undo_exc:
+        return (f"{failed} Undoing it failed too: {_failure(undo_exc, uri)}. Run "
+                f"{runner.upgrade_command(uri)} again to retry the restore.")
+    return f"{failed} Restored the backup {backup_location}: the database is as it was before the upgrade."
+
+
+def _resolve_interrupted(engine: sa.Engine, uri: str, state: runner.SchemaState, progress: Progress) -> str:
+    """Finishes or undoes an upgrade or restore whose process died (we hold the lock, so it is dead)."""
+    operation = state.interrupted
+    what = operation.describe()
+    if operation.kind == "upgrade" and state.revision == operation.to_revision:
+        with engine.begin() as conn:
+            marker.clear(conn)
+        return f"{what} had finished before it was interrupted."
+    if engine.dialect.name in runner.TRANSACTIONAL_DDL:
+        with engine.begin() as conn:
+            marker.clear(conn)
+        return f"{what} was interrupted; the database rolled it back."
+    if operation.backup is None:
+        raise RunyardError(
+            f"{what} was interrupted without a backup (--no-backup): the database may be partly migrated. "
+            "Restore your own backup with `runyard db restore`.", "INVALID_STATE")
+    progress.stage(f"Restoring {operation.backup} after the interrupted {operation.kind}")
+    _restore_location(engine, operation.backup, state, progress)
+    return f"{what} was interrupted; restored the backup {operation.backup} it had taken."

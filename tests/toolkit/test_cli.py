@@ -50,7 +50,8 @@ def test_db_current_and_upgrade(backend_uri):
     before = run_cli("db", "current", backend_uri, "--json")
     assert before.returncode == 0, before.stderr
     assert json.loads(before.stdout) | {"backend": None} == {
-        "backend": None, "revision": None, "head": HEAD, "status": "empty", "upgrade_pending": True}
+        "backend": None, "revision": None, "head": HEAD, "status": "empty", "upgrade_pending": True,
+        "interrupted": None}
 
     upgraded = run_cli("db", "upgrade", backend_uri, "--json")
     assert upgraded.returncode == 0, upgraded.stderr

@@ -56,7 +56,7 @@ def test_ensure_schema_initialises_an_empty_database(backend_uri):
     db.ensure_ready(backend_uri)  # a second start finds it ready
 
 
-def test_ensure_schema_refuses_an_older_revision(backend_uri, newer_runyard):
+def test_ensure_schema_refuses_an_older_revision(backend_uri, newer_runyard, tmp_path):
     # The database is at our head; the "newer runyard" needs one revision more.
     engine = engine_for(backend_uri)
     runner.upgrade(engine, HEAD)
@@ -67,8 +67,9 @@ def test_ensure_schema_refuses_an_older_revision(backend_uri, newer_runyard):
     assert f"at revision {HEAD} but this runyard needs {NEWER_REVISION}" in caught.value.message
     assert f"runyard db upgrade '{backend_uri}'" in caught.value.message
 
-    report = db.upgrade(backend_uri)
+    report = db.upgrade(backend_uri, backup_to=str(tmp_path / "backups"))
     assert report["previous_revision"] == HEAD and report["revision"] == NEWER_REVISION
+    assert report["backup"].startswith(str(tmp_path / "backups"))
     assert "ry_newer_marker" in table_names(backend_uri)
     db.ensure_ready(backend_uri)
 
