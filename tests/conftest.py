@@ -70,6 +70,30 @@ def backend_uri(request, tmp_path) -> str:
 
 
 @pytest.fixture
+def empty_database_like(request, tmp_path) -> Callable[[str], str]:
+    """factory(uri) -> the URI of a new, empty database of the same kind (and server) as `uri`."""
+    created: list[tuple[Callable, DatabaseServer, str]] = []
+
+    def factory(uri: str) -> str:
+        name = databases.unique_name()
+        if uri.startswith("postgresql"):
+            server = request.getfixturevalue("postgres_server")
+            databases.pg_create_database(server, name)
+            created.append((databases.pg_drop_database, server, name))
+        elif uri.startswith("mysql"):
+            server = request.getfixturevalue("mysql_server")
+            databases.my_create_database(server, name)
+            created.append((databases.my_drop_database, server, name))
+        else:
+            return str(tmp_path / name)
+        return server.uri(name)
+
+    yield factory
+    for drop, server, name in created:
+        drop(server, name)
+
+
+@pytest.fixture
 def server_factory(tmp_path) -> Iterator[Callable[..., RunningServer]]:
     """Starts `runyard server` processes: factory(backend_uri=None, *extra_flags, workers=1, env=None)."""
     started: list[RunningServer] = []

@@ -16,36 +16,77 @@ from server.store.uri import create_engine
 NEWER_REVISION = "9002"
 UNKNOWN_REVISION = "ffffffffffff"
 
-_NEWER_REVISION_FILE = f'''"""A revision only a newer runyard has (test fixture).
+_REVISION_FILE = '''"""A revision only a newer runyard has (test fixture).
 
-Revision ID: {NEWER_REVISION}
-Revises: {{head}}
+Revision ID: {revision}
+Revises: {head}
 """
+
+import os
+import pathlib
+import time
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "{NEWER_REVISION}"
-down_revision = "{{head}}"
+revision = "{revision}"
+down_revision = "{head}"
 branch_labels = None
 depends_on = None
+moves_rows = {moves_rows!r}
 
 
 def upgrade() -> None:
-    op.create_table("ry_newer_marker", sa.Column("id", sa.Integer(), primary_key=True))
+{body}
 
 
 def downgrade() -> None:
-    op.drop_table("ry_newer_marker")
+    raise NotImplementedError
 '''
 
+GOOD_UPGRADE = """\
+    op.create_table("ry_newer_marker", sa.Column("id", sa.Integer(), primary_key=True))
+"""
 
-def newer_migrations(workdir: Path) -> Path:
-    """A copy of the migrations package with one more revision on top: what a newer runyard ships.
-    Point `migrations.runner.SCRIPT_LOCATION` at it to play that newer runyard."""
-    location = workdir / "newer_migrations"
+# Destroys data, then changes the schema (which commits on MySQL), then fails.
+BROKEN_UPGRADE = """\
+    op.execute("DELETE FROM metrics")
+    op.add_column("runs", sa.Column("ry_half", sa.String(10), nullable=True))
+    op.create_table("ry_half_table", sa.Column("id", sa.Integer(), primary_key=True))
+    raise RuntimeError("revision 9002 is broken on purpose")
+"""
+
+# Like BROKEN_UPGRADE, but announces it is half-way (file RY_TEST_REACHED) and then sleeps to be killed.
+STALLING_UPGRADE = """\
+    op.execute("DELETE FROM metrics")
+    op.add_column("runs", sa.Column("ry_half", sa.String(10), nullable=True))
+    pathlib.Path(os.environ["RY_TEST_REACHED"]).write_text("half-way")
+    time.sleep(float(os.environ.get("RY_TEST_SLEEP", "120")))
+    op.create_table("ry_half_table", sa.Column("id", sa.Integer(), primary_key=True))
+"""
+
+# A correct revision that takes a while (RY_TEST_SLEEP seconds), so concurrent upgrades overlap.
+SLOW_UPGRADE = """\
+    time.sleep(float(os.environ.get("RY_TEST_SLEEP", "2")))
+    op.create_table("ry_newer_marker", sa.Column("id", sa.Integer(), primary_key=True))
+"""
+
+# Loses rows without declaring it (moves_rows), which the upgrade's result check must catch.
+LOSSY_UPGRADE = """\
+    op.execute("DELETE FROM params")
+    op.create_table("ry_newer_marker", sa.Column("id", sa.Integer(), primary_key=True))
+"""
+
+
+def newer_migrations(workdir: Path, body: str = GOOD_UPGRADE, moves_rows: tuple | bool = (),
+                     name: str = "newer_migrations") -> Path:
+    """A copy of the migrations package with one more revision on top, whose upgrade() runs `body`:
+    what a newer runyard ships. Point `migrations.runner.SCRIPT_LOCATION` at it (or run the CLI through
+    helpers.cli with `chain=`) to play that newer runyard."""
+    location = workdir / name
     shutil.copytree(runner.SCRIPT_LOCATION, location, ignore=shutil.ignore_patterns("__pycache__"))
-    text = _NEWER_REVISION_FILE.replace("{head}", runner.head_revision())
+    text = _REVISION_FILE.format(revision=NEWER_REVISION, head=runner.head_revision(), body=body.rstrip(),
+                                 moves_rows=moves_rows)
     (location / "versions" / f"{NEWER_REVISION}_newer.py").write_text(text)
     return location
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import databases
+from helpers import cli, databases
 from helpers.ports import free_port, wait_for
 from helpers.schema import NEWER_REVISION, UNKNOWN_REVISION, newer_migrations, stamp
 from helpers.servers import launch, runyard_command
@@ -21,19 +20,8 @@ from toolkit import db
 HEAD = runner.head_revision()
 SECRET = "s3cretpw"
 
-# Runs the CLI as a newer runyard would: same code, one more migration in its chain.
-NEWER_LAUNCHER = ("import sys, migrations.runner as r; r.SCRIPT_LOCATION = sys.argv.pop(1); "
-                  "from toolkit.cli import app; app(prog_name='runyard')")
-
-
 def run_cli(*args: str, env: dict | None = None, newer: Path | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-c", NEWER_LAUNCHER, str(newer), *args] if newer else runyard_command(*args)
-    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False,
-                          env={**_clean_env(), **(env or {})})
-
-
-def _clean_env() -> dict:
-    return {k: v for k, v in os.environ.items() if not k.startswith("RUNYARD_")}
+    return cli.run_cli(*args, env=env, chain=newer, timeout=120)
 
 
 def assert_one_clean_line(result: subprocess.CompletedProcess, *must_contain: str) -> None:
@@ -117,7 +105,7 @@ def test_server_starts_on_a_fresh_database(backend_uri, server_factory):
 
 def test_server_reads_its_options_from_the_environment(tmp_path):
     port = free_port()
-    env = {**_clean_env(), "RUNYARD_PORT": str(port), "RUNYARD_BACKEND_STORE_URI": str(tmp_path / "store"),
+    env = {**cli.clean_env(), "RUNYARD_PORT": str(port), "RUNYARD_BACKEND_STORE_URI": str(tmp_path / "store"),
            "RUNYARD_ARTIFACTS_DESTINATION": str(tmp_path / "artifacts")}
     server = launch(runyard_command("server"), tmp_path, port, env["RUNYARD_BACKEND_STORE_URI"],
                     tmp_path / "artifacts", env=env)
