@@ -309,10 +309,11 @@ def db_upgrade(
             return _print_json(report)
         sys.stdout.write(report["sql"])
         return
-    state = _run(db.current, uri, as_json=as_json)
-    if state["status"] == "behind" or state["interrupted"]:  # initialising an empty database risks nothing
-        _confirm(f"Upgrade the schema of {state['backend']} from {state['revision'] or 'nothing'} to "
-                 f"{state['head']}?", yes, as_json)
+    plan = _run(db.plan_upgrade, uri, backup_to=backup_to, no_backup=no_backup, as_json=as_json)
+    if plan["status"] == "behind" or plan["interrupted"]:  # initialising an empty database risks nothing
+        backing_up = f", after a backup to {plan['backup_to']}" if plan["backup_to"] else ", WITHOUT a backup"
+        _confirm(f"Upgrade the schema of {plan['backend']} from {plan['revision'] or 'nothing'} to "
+                 f"{plan['head']}{backing_up}?", yes, as_json)
     with _progress() as progress:
         report = _run(db.upgrade, uri, backup_to=backup_to, no_backup=no_backup, keep=keep,
                       lock_timeout_s=lock_timeout, progress=progress, as_json=as_json)

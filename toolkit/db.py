@@ -23,7 +23,14 @@ import sqlalchemy as sa
 from migrations import locks, marker, runner
 from migrations.marker import Operation
 from server.errors import RunyardError
-from server.store.uri import EMBEDDED_DB_NAME, create_engine, embedded_folder, redact, sqlalchemy_url
+from server.store.uri import (
+    EMBEDDED_DB_NAME,
+    create_engine,
+    embedded_folder,
+    redact,
+    sqlalchemy_url,
+    without_password,
+)
 from toolkit import backups, contents, dumps
 
 DRIVER_EXTRAS = {"pymssql": "mssql"}
@@ -101,7 +108,7 @@ def database_id(uri: str) -> str:
     if folder is not None:
         return str(folder)
     url = sqlalchemy_url(uri)
-    return url.set(drivername=_family(url.get_backend_name()), password=None).render_as_string(False)
+    return without_password(url.set(drivername=_family(url.get_backend_name()))).render_as_string(False)
 
 
 def _report(uri: str, state: runner.SchemaState) -> dict:
@@ -328,6 +335,32 @@ def default_backup_destination(uri: str) -> str | None:
     return str(folder / "backups") if folder is not None else None
 
 
+def _backup_destination(uri: str, state: runner.SchemaState, backup_to: str | None,
+                        no_backup: bool) -> str | None:
+    """Where the upgrade from `state` keeps its backup; None when it takes none."""
+    if no_backup or state.empty or not runner.pending_revisions(state):
+        return None
+    _refuse_mssql(uri, "take")
+    destination = backup_to or default_backup_destination(uri)
+    if destination is None:
+        raise RunyardError("Say where to keep the backup taken before upgrading: --backup-to DEST "
+                           "(a folder or an object-store URI), or skip it with --no-backup",
+                           "INVALID_PARAMETER_VALUE")
+    return destination
+
+
+def plan_upgrade(uri: str, backup_to: str | None = None, no_backup: bool = False) -> dict:
+    """What `upgrade` would do, checked before asking for confirmation: `current`'s report plus the
+    backup destination. Refuses the arguments `upgrade` would refuse."""
+    if not no_backup:
+        _refuse_mssql(uri, "take")  # before connecting: its driver may not even be installed
+    if _missing_embedded_db(uri):
+        return {**current(uri), "backup_to": None}
+    with _engine(uri) as engine:
+        state = runner.schema_state(engine)
+    return {**_report(uri, state), "backup_to": _backup_destination(uri, state, backup_to, no_backup)}
+
+
 def upgrade(uri: str, sql: bool = False, backup_to: str | None = None, no_backup: bool = False,
             keep: int | None = None, revision: str = "head", lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
             progress: Progress = SILENT) -> dict:
@@ -337,9 +370,6 @@ def upgrade(uri: str, sql: bool = False, backup_to: str | None = None, no_backup
         return {"backend": redact(uri), "head": runner.head_revision(), "sql": runner.offline_sql(uri)}
     if keep is not None and keep < 1:
         raise RunyardError("--keep must be at least 1", "INVALID_PARAMETER_VALUE")
-    if not no_backup:
-        _refuse_mssql(uri, "take")
-    destination = None if no_backup else backup_to or default_backup_destination(uri)
     started = time.monotonic()
     with _engine(uri) as engine, locks.session_lock(engine, lock_timeout_s, progress.waiting):
         before = runner.schema_state(engine)
@@ -350,11 +380,8 @@ def upgrade(uri: str, sql: bool = False, backup_to: str | None = None, no_backup
         runner.refuse_unless_upgradable(before, uri)
         pending = runner.pending_revisions(before, revision)
         made = None
-        if pending and not before.empty and not no_backup:
-            if destination is None:
-                raise RunyardError("Say where to keep the backup taken before upgrading: --backup-to DEST "
-                                   "(a folder or an object-store URI), or skip it with --no-backup",
-                                   "INVALID_PARAMETER_VALUE")
+        destination = _backup_destination(uri, before, backup_to, no_backup)
+        if destination is not None:
             made = _backup(engine, uri, backups.destination(destination), before.revision, keep, progress)
             verify(made["backup"], using=uri, progress=progress)
         if pending:

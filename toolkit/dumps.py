@@ -31,6 +31,7 @@ import sqlalchemy as sa
 
 from migrations import marker
 from server.errors import RunyardError
+from server.store.uri import create_engine, without_password
 from toolkit import contents
 
 PG_BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name)
@@ -81,8 +82,6 @@ def _private_file(text: str) -> Iterator[str]:
 
 
 def engine_for(url: sa.URL) -> sa.Engine:
-    from server.store.uri import create_engine
-
     return create_engine(url.render_as_string(hide_password=False), pool_size=2)
 
 
@@ -136,7 +135,7 @@ def _pg_tool(name: str) -> str:
 
 
 def _pg_conninfo(url: sa.URL) -> str:
-    return url.set(drivername="postgresql", password=None).render_as_string(hide_password=False)
+    return without_password(url.set(drivername="postgresql")).render_as_string(hide_password=False)
 
 
 @contextmanager

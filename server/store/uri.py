@@ -71,6 +71,11 @@ def sqlalchemy_url(uri: str) -> sa.URL:
     return url
 
 
+def without_password(url: sa.URL) -> sa.URL:
+    # Not url.set(password=None): set() treats None as "leave unchanged" and keeps the password.
+    return url._replace(password=None)
+
+
 def redact(uri: str) -> str:
     """The URI with any password hidden, for logs and messages."""
     try:

@@ -251,7 +251,8 @@ def test_mssql_backup_prints_the_statements_to_run():
     with pytest.raises(RunyardError) as caught:
         db.backup("mssql+pymssql://sa:s3cretpw@sqlhost/tracking", "/backups")
     message = caught.value.message
-    assert "BACKUP DATABASE [tracking] TO DISK = N'/var/opt/mssql/backup/tracking.bak' WITH COPY_ONLY" in message
+    assert ("BACKUP DATABASE [tracking] TO DISK = N'/var/opt/mssql/backup/tracking.bak' WITH COPY_ONLY"
+            in message)
     assert "RESTORE VERIFYONLY" in message and "s3cretpw" not in message
 
 
