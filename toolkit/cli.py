@@ -212,8 +212,13 @@ def _confirm(question: str, yes: bool, as_json: bool) -> None:
 
 
 def _print_tables(tables: dict) -> None:
+    """The tables that hold rows (the rest are counted, not listed)."""
     for table, rows in sorted(tables.items()):
-        out.print(f"  {table:<24} {rows:>12,} rows", markup=False)
+        if rows:
+            out.print(f"  {table:<24} {rows:>12,} rows", markup=False)
+    empty = sum(1 for rows in tables.values() if not rows)
+    if empty:
+        out.print(f"  and {empty} empty table(s)", markup=False)
 
 
 DestOpt = Annotated[str, typer.Option("--to", help="Folder or object-store URI to write the backup into.",

@@ -233,14 +233,18 @@ def _stats(url: sa.URL) -> dict[str, dict]:
         engine.dispose()
 
 
-def _load(manifest: dict, url: sa.URL, data: Path) -> None:
+def _load(manifest: dict, url: sa.URL, data: Path, scratch: bool = False) -> None:
+    """Replaces the tables of the database `url` names with the backup's (`scratch`: an empty database
+    made for verification)."""
     dialect = _family(url.get_backend_name())
     if dialect == "sqlite":
         dumps.sqlite_restore(url, data)
     elif dialect == "postgresql":
         dumps.postgres_restore(url, data, manifest.get("schema") or "public")
-    else:
-        dumps.mysql_restore(url, data)
+    elif scratch:
+        dumps.mysql_load(url, data)
+    else:  # checked in its staging database, before it replaces anything
+        dumps.mysql_restore(url, data, lambda staged: _compare(manifest, _stats(staged), "The restored copy"))
 
 
 def _same_kind(manifest: dict, url: sa.URL, location: str) -> None:
@@ -263,16 +267,17 @@ def verify(location: str, using: str | None = None, progress: Progress = SILENT)
     databases), else the server the backup came from, as the manifest names it (without password)."""
     started = time.monotonic()
     with _open_backup(location) as (manifest, data, shown):
-        server = sqlalchemy_url(using) if using else _server_of(manifest)
+        # SQLite restores into a temporary file: no server to use.
+        server = sqlalchemy_url(using) if using and manifest["dialect"] != "sqlite" else _server_of(manifest)
         _same_kind(manifest, server, shown)
         progress.stage(f"Restoring {shown} into a scratch database")
         try:
             with dumps.scratch_database(server) as scratch:
-                _load(manifest, scratch, data)
+                _load(manifest, scratch, data, scratch=True)
                 progress.stage("Comparing with the manifest")
                 actual = _stats(scratch)
         except sa.exc.DBAPIError as exc:
-            raise RunyardError(f"Cannot verify on {redact(server.render_as_string(False))}: "
+            raise RunyardError(f"Cannot verify on {server.render_as_string(hide_password=True)}: "
                                f"{_reason(exc.orig, server.password)}", "INVALID_STATE") from None
         _compare(manifest, actual, f"Backup {shown}, restored,")
     return {"backup": shown, "verified": True, "revision": manifest["revision"],
@@ -311,7 +316,14 @@ def _restore_checked(engine: sa.Engine, manifest: dict, data: Path, shown: str,
     with engine.begin() as conn:
         marker.write(conn, Operation("restore", state.revision, manifest["revision"], shown))
     progress.stage(f"Restoring {shown}")
-    _load(manifest, engine.url, data)
+    try:
+        _load(manifest, engine.url, data)
+    except RunyardError:
+        # Every kind of restore fails without touching the database (a transaction, or MySQL's staging
+        # database), so nothing was left half-done.
+        with engine.begin() as conn:
+            marker.clear(conn)
+        raise
     engine.dispose()  # pooled connections may hold the schema as it was
     progress.stage("Comparing with the manifest")
     with engine.connect() as conn:

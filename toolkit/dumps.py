@@ -6,7 +6,7 @@ of the same kind to restore into for verification.
   are taken in too; restore replaces the schema in one transaction (`pg_restore | psql`).
 - MySQL/MariaDB: `mysqldump --single-transaction` with routines and triggers. Writers are held off
   (`LOCK TABLES … READ`, readers go on) only until the dump's snapshot is open, so that the checksums
-  describe exactly what the dump holds.
+  describe exactly what the dump holds. Restore loads a staging database and swaps it in atomically.
 - MSSQL: SQL Server writes backups to its own disk; runyard prints the statements instead.
 
 Passwords reach the tools through 0600 files (PGPASSFILE, --defaults-extra-file), never argv.
@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +93,8 @@ def _sqlite_copy(source: str, target: str, source_readonly: bool) -> None:
     dst = sqlite3.connect(target, timeout=60)
     try:
         src.backup(dst)  # one step: a consistent snapshot of the source, one transaction on the target
+    except sqlite3.Error as exc:
+        raise RunyardError(f"Copying SQLite {source} to {target} failed: {exc}", "INVALID_STATE") from None
     finally:
         src.close()
         dst.close()
@@ -259,29 +261,49 @@ def mysql_dump(engine: sa.Engine, url: sa.URL, target: Path) -> Dumped:
     return Dumped(stats, {Path(dump).name: _first_line([dump]), "server": server})
 
 
-def mysql_restore(url: sa.URL, source: Path) -> None:
-    """Drops every table of the database (but the interrupted-operation marker, which outlives a
-    restore killed half-way), then loads the dump. MySQL cannot do this in one transaction; a restore
-    that fails is repeated by running it again."""
+def mysql_load(url: sa.URL, source: Path) -> None:
+    """Loads the dump into the (empty) database `url` names."""
     client = _my_tool("mariadb", "mysql")
-    engine = engine_for(url)
-    try:
-        with engine.connect() as conn:
-            quote = conn.dialect.identifier_preparer.quote
-            inspector = sa.inspect(conn)
-            conn.exec_driver_sql("SET FOREIGN_KEY_CHECKS = 0")
-            for view in inspector.get_view_names():
-                conn.exec_driver_sql(f"DROP VIEW IF EXISTS {quote(view)}")
-            for table in inspector.get_table_names():
-                if table != marker.TABLE_NAME:
-                    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {quote(table)}")
-    finally:
-        engine.dispose()
     with _my_options(url) as options, open(source, "rb") as dump:
         done = subprocess.run([client, f"--defaults-extra-file={options}", "--binary-mode", url.database],
                               stdin=dump, capture_output=True)
     if done.returncode != 0:
         raise _fail(Path(client).name, done.stderr, url.password)
+
+
+def mysql_restore(url: sa.URL, source: Path, check: Callable[[sa.URL], None] | None = None) -> None:
+    """MySQL cannot replace tables in a transaction, so the dump is loaded into a staging database
+    beside the live one, checked there (`check`), and swapped in by one RENAME TABLE, which MySQL runs
+    atomically. A failure before the swap leaves the live database untouched. The interrupted-operation
+    marker stays where it is."""
+    staging, retired = (f"{url.database}__ry_{suffix}"[:64] for suffix in ("restore", "retired"))
+    engine = engine_for(url)
+    try:
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            quote = conn.dialect.identifier_preparer.quote
+            for name in (staging, retired):  # leftovers of a restore killed half-way (we hold the lock)
+                conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {quote(name)}")
+            _create_database(conn, staging, "mysql")
+            try:
+                mysql_load(url.set(database=staging), source)
+                if check is not None:
+                    check(url.set(database=staging))
+                _create_database(conn, retired, "mysql")
+                live = [t for t in _my_tables(conn, url.database) if t != marker.TABLE_NAME]
+                moves = [f"{quote(url.database)}.{quote(t)} TO {quote(retired)}.{quote(t)}" for t in live]
+                moves += [f"{quote(staging)}.{quote(t)} TO {quote(url.database)}.{quote(t)}"
+                          for t in _my_tables(conn, staging)]
+                conn.exec_driver_sql("RENAME TABLE " + ", ".join(moves))
+            finally:
+                for name in (staging, retired):
+                    conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {quote(name)}")
+    finally:
+        engine.dispose()
+
+
+def _my_tables(conn: sa.Connection, database: str) -> list[str]:
+    return list(conn.execute(sa.text("SELECT table_name FROM information_schema.tables WHERE table_schema = "
+                                     ":db AND table_type = 'BASE TABLE'"), {"db": database}).scalars())
 
 
 # ---- MSSQL ------------------------------------------------------------------------------------------
@@ -310,15 +332,7 @@ def scratch_database(url: sa.URL) -> Iterator[sa.URL]:
     try:
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             quote = conn.dialect.identifier_preparer.quote
-            create = (f"CREATE DATABASE {quote(name)}" if dialect == "postgresql"
-                      else f"CREATE DATABASE {quote(name)} CHARACTER SET utf8mb4")
-            try:
-                conn.exec_driver_sql(create)
-            except sa.exc.DBAPIError as exc:
-                raise RunyardError(
-                    "Verifying a backup restores it into a scratch database, which this account may not "
-                    f"create ({_one_line(exc.orig)}); grant it, or verify with --using a URI that can",
-                    "INVALID_STATE") from None
+            _create_database(conn, name, dialect)
             try:
                 yield url.set(database=name)
             finally:
@@ -327,6 +341,18 @@ def scratch_database(url: sa.URL) -> Iterator[sa.URL]:
                 conn.exec_driver_sql(drop)
     finally:
         engine.dispose()
+
+
+def _create_database(conn: sa.Connection, name: str, dialect: str) -> None:
+    quoted = conn.dialect.identifier_preparer.quote(name)
+    create = f"CREATE DATABASE {quoted}" + (" CHARACTER SET utf8mb4" if dialect != "postgresql" else "")
+    try:
+        conn.exec_driver_sql(create)
+    except sa.exc.DBAPIError as exc:
+        raise RunyardError(
+            "Verifying or restoring a backup loads it into a scratch database first, which this account "
+            f"may not create ({_one_line(exc.orig)}); grant it the right, or verify with --using a URI "
+            "whose account has it", "INVALID_STATE") from None
 
 
 # ---- helpers ----------------------------------------------------------------------------------------

@@ -140,6 +140,34 @@ def test_verify_and_restore_refuse_a_damaged_backup(backend_uri, tmp_path):
     assert fingerprint(backend_uri) == before
 
 
+def test_a_dump_that_will_not_load_changes_nothing(backend_uri, tmp_path):
+    """A backup whose manifest agrees with a dump the tools reject (made by a broken tool, say)."""
+    seed(backend_uri)
+    before = fingerprint(backend_uri)
+    made = db.backup(backend_uri, str(tmp_path / "backups"))
+    data = _data_file(made["backup"])
+    data.write_bytes(b"garbage, not a dump\n" * 100)
+    manifest_path = Path(made["backup"]) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest.update(size_bytes=data.stat().st_size, sha256=backups.sha256_of(data))
+    manifest_path.write_text(json.dumps(manifest))
+
+    with pytest.raises(RunyardError, match="failed|damaged"):
+        db.restore(backend_uri, made["backup"])
+    assert fingerprint(backend_uri) == before
+    assert db.current(backend_uri)["interrupted"] is None
+    with pytest.raises(RunyardError, match="failed|damaged"):
+        db.verify(made["backup"], using=backend_uri)
+    if backend_uri.startswith("mysql"):  # the staging and scratch databases are gone too
+        database = backend_uri.rsplit("/", 1)[1]
+        engine = create_engine(backend_uri, pool_size=1)
+        with engine.connect() as conn:
+            names = conn.exec_driver_sql("SELECT schema_name FROM information_schema.schemata").scalars()
+            left = [name for name in names if name.startswith(database) and name != database]
+        engine.dispose()
+        assert left == []
+
+
 def test_verify_catches_a_dump_that_does_not_match_its_manifest(backend_uri, tmp_path):
     seed(backend_uri)
     made = db.backup(backend_uri, str(tmp_path / "backups"))
