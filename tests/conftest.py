@@ -8,6 +8,7 @@ instances (helpers/databases.py). Missing binaries skip the dependent tests, unl
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -91,6 +92,24 @@ def empty_database_like(request, tmp_path) -> Callable[[str], str]:
     yield factory
     for drop, server, name in created:
         drop(server, name)
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder no one can write to, root included: a read-only tmpfs (chmod where mounting is denied)."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
+                             capture_output=True).returncode == 0
+    if not mounted:
+        if os.geteuid() == 0:
+            pytest.skip("cannot make a read-only folder: mount denied and root ignores permissions")
+        folder.chmod(0o555)
+    yield folder
+    if mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+    else:
+        folder.chmod(0o755)
 
 
 @pytest.fixture

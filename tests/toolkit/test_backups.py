@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import threading
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from helpers.schema import NEWER_REVISION, newer_migrations
 from helpers.seed import bulk_metrics, fingerprint, seed
 
 from migrations import runner
 from server.artifacts.local import LocalArtifactRepository
 from server.errors import RunyardError
+from server.store import schema
 from server.store.tracking import TrackingStore
 from server.store.uri import create_engine
-from toolkit import backups, db
+from toolkit import backups, contents, db
 
 HEAD = runner.head_revision()
 
@@ -42,6 +43,40 @@ def _manifest(backup: str) -> dict:
 
 def _data_file(backup: str) -> Path:
     return Path(backup) / _manifest(backup)["data_file"]
+
+
+def _params_checksum(uri: str) -> str:
+    engine = create_engine(uri, pool_size=1)
+    try:
+        with engine.connect() as conn:
+            return contents.table_stats(conn)["params"]["checksum"]
+    finally:
+        engine.dispose()
+
+
+def test_checksums_follow_content_not_insertion_order(backend_uri):
+    seed(backend_uri)
+    original = _params_checksum(backend_uri)
+    engine = create_engine(backend_uri, pool_size=1)
+    try:
+        with engine.connect() as conn:
+            rows = [tuple(row) for row in conn.execute(sa.select(schema.params))]
+        # The same rows, inserted in reverse order after the table was emptied: same checksum.
+        with engine.begin() as conn:
+            conn.execute(sa.delete(schema.params))
+            for run_uuid, key, value in reversed(rows):
+                conn.execute(sa.insert(schema.params).values(run_uuid=run_uuid, key=key, value=value))
+        assert _params_checksum(backend_uri) == original
+
+        # Two values swapped between rows (column sums would not notice): another checksum.
+        (run_a, key_a, value_a), (run_b, key_b, value_b) = rows[0], rows[1]
+        with engine.begin() as conn:
+            for run_uuid, key, value in ((run_a, key_a, value_b), (run_b, key_b, value_a)):
+                conn.execute(sa.update(schema.params).values(value=value)
+                             .where(schema.params.c.run_uuid == run_uuid, schema.params.c.key == key))
+        assert value_a != value_b and _params_checksum(backend_uri) != original
+    finally:
+        engine.dispose()
 
 
 def test_backup_then_restore_brings_every_table_back(backend_uri, tmp_path):
@@ -207,24 +242,6 @@ def test_restore_refuses_a_backup_of_another_dialect(postgres_uri, tmp_path):
     with pytest.raises(RunyardError, match="of a sqlite database; it cannot be restored into postgresql"):
         db.restore(postgres_uri, made["backup"])
     assert db.current(postgres_uri)["status"] == "empty"
-
-
-@pytest.fixture
-def read_only_folder(tmp_path):
-    """A folder no one can write to, root included: a read-only tmpfs (chmod where mounting is denied)."""
-    folder = tmp_path / "read-only"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
-                             capture_output=True).returncode == 0
-    if not mounted:
-        if os.geteuid() == 0:
-            pytest.skip("cannot make a read-only folder: mount denied and root ignores permissions")
-        folder.chmod(0o555)
-    yield folder
-    if mounted:
-        subprocess.run(["umount", str(folder)], check=True)
-    else:
-        folder.chmod(0o755)
 
 
 def test_read_only_destination_is_a_clear_error(backend_uri, read_only_folder):

@@ -186,15 +186,13 @@ def test_a_database_server_needs_a_backup_destination_or_no_backup(postgres_uri,
     assert report["upgraded"] is True and report["backup"] is None
 
 
-def test_read_only_backup_destination_stops_the_upgrade(tmp_path):
+def test_read_only_backup_destination_stops_the_upgrade(tmp_path, read_only_folder):
     store = str(tmp_path / "store")
     seed(store)
     before = fingerprint(store)
-    blocker = tmp_path / "a-file"
-    blocker.write_text("not a folder")
-    line = error_line(upgrade_cli(store, "--backup-to", str(blocker / "backups"),
-                                  chain=newer_migrations(tmp_path)))
-    assert f"Cannot write backups to {blocker / 'backups'}" in line
+    chain = newer_migrations(tmp_path)
+    line = error_line(upgrade_cli(store, "--backup-to", str(read_only_folder), chain=chain))
+    assert f"Cannot write backups to {read_only_folder}" in line and "Read-only file system" in line
     assert fingerprint(store) == before
 
 
