@@ -281,14 +281,12 @@ def mysql_restore(url: sa.URL, source: Path, check: Callable[[sa.URL], None] | N
     try:
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             quote = conn.dialect.identifier_preparer.quote
-            for name in (staging, retired):  # leftovers of a restore killed half-way (we hold the lock)
-                conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {quote(name)}")
-            _create_database(conn, staging, "mysql")
+            _create_database(conn, staging, "mysql", replace=True)
             try:
                 mysql_load(url.set(database=staging), source)
                 if check is not None:
                     check(url.set(database=staging))
-                _create_database(conn, retired, "mysql")
+                _create_database(conn, retired, "mysql", replace=True)
                 live = [t for t in _my_tables(conn, url.database) if t != marker.TABLE_NAME]
                 moves = [f"{quote(url.database)}.{quote(t)} TO {quote(retired)}.{quote(t)}" for t in live]
                 moves += [f"{quote(staging)}.{quote(t)} TO {quote(url.database)}.{quote(t)}"
@@ -327,7 +325,7 @@ def scratch_database(url: sa.URL) -> Iterator[sa.URL]:
         with tempfile.TemporaryDirectory(prefix="runyard-verify-") as folder:
             yield sa.URL.create("sqlite", database=str(Path(folder) / "scratch.db"))
         return
-    name = f"{(url.database or 'runyard')[:40]}_ryverify_{uuid.uuid4().hex[:8]}"
+    name = f"{(url.database or 'runyard')[:40]}__ry_verify_{uuid.uuid4().hex[:8]}"
     engine = engine_for(url)
     try:
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
@@ -343,16 +341,20 @@ def scratch_database(url: sa.URL) -> Iterator[sa.URL]:
         engine.dispose()
 
 
-def _create_database(conn: sa.Connection, name: str, dialect: str) -> None:
+def _create_database(conn: sa.Connection, name: str, dialect: str, replace: bool = False) -> None:
+    """`replace`: drop a leftover of a restore killed half-way first (we hold the migration lock)."""
     quoted = conn.dialect.identifier_preparer.quote(name)
     create = f"CREATE DATABASE {quoted}" + (" CHARACTER SET utf8mb4" if dialect != "postgresql" else "")
     try:
+        if replace:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {quoted}")
         conn.exec_driver_sql(create)
     except sa.exc.DBAPIError as exc:
         raise RunyardError(
-            "Verifying or restoring a backup loads it into a scratch database first, which this account "
-            f"may not create ({_one_line(exc.orig)}); grant it the right, or verify with --using a URI "
-            "whose account has it", "INVALID_STATE") from None
+            f"Verifying or restoring a backup loads it into a scratch database ({name}) first, which this "
+            f"account may not create ({_one_line(exc.orig)}); grant it the right (MySQL: on databases "
+            "named <database>__ry_%), or verify with --using a URI whose account has it",
+            "INVALID_STATE") from None
 
 
 # ---- helpers ----------------------------------------------------------------------------------------

@@ -219,6 +219,12 @@ def my_create_user(server: DatabaseServer, user: str, password: str, database: s
         cur.execute(f"GRANT ALL ON `{database}`.* TO '{user}'@'%'")
 
 
+def my_grant(server: DatabaseServer, user: str, database_pattern: str) -> None:
+    """All rights on the databases matching `database_pattern` (GRANT wildcards: _ and %)."""
+    with _my_connect(server.port) as conn, conn.cursor() as cur:
+        cur.execute(f"GRANT ALL ON `{database_pattern}`.* TO '{user}'@'%'")
+
+
 def my_drop_user(server: DatabaseServer, user: str) -> None:
     with _my_connect(server.port) as conn, conn.cursor() as cur:
         cur.execute(f"DROP USER IF EXISTS '{user}'@'%'")

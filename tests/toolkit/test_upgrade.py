@@ -253,8 +253,14 @@ def test_backup_tools_get_the_password_from_a_file_not_argv(mysql_server, mysql_
         assert SECRET not in result.stdout + result.stderr
         backup = json.loads(result.stdout)["backup"]
         assert SECRET not in (Path(backup) / "manifest.json").read_text()
+        before = fingerprint(mysql_uri)
+        # Restoring loads a staging database beside the live one: the account needs that right.
+        assert "may not create" in error_line(run_cli("db", "restore", uri, "--from", backup, "--yes"))
+        assert fingerprint(mysql_uri) == before
+        databases.my_grant(mysql_server, user, f"{database}__ry_%")
         restored = run_cli("db", "restore", uri, "--from", backup, "--yes")
         assert restored.returncode == 0, restored.stderr
+        assert fingerprint(mysql_uri) == before
     finally:
         databases.my_drop_user(mysql_server, user)
 
