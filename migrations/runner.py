@@ -101,10 +101,6 @@ def schema_state(engine: sa.Engine) -> SchemaState:
         return _state(conn)
 
 
-def current_revision(engine: sa.Engine) -> str | None:
-    return schema_state(engine).revision
-
-
 def _quote(text: str) -> str:
     return "'" + text.replace("'", "'\\''") + "'"
 
@@ -292,12 +288,14 @@ def dialect_of(url_or_dialect: str) -> str:
     raise RunyardError(f"Cannot tell the dialect of {redact(url_or_dialect)}", "INVALID_PARAMETER_VALUE")
 
 
-def offline_sql(url_or_dialect: str, revision: str = "head") -> str:
-    """The SQL that upgrading an empty database to `revision` would run; connects to nothing."""
+def offline_sql(url_or_dialect: str, revision: str = "head", from_revision: str | None = None) -> str:
+    """The SQL that upgrading a database at `from_revision` (default: an empty one) to `revision` would
+    run; connects to nothing."""
     buffer = io.StringIO()
+    steps = f"{from_revision}:{revision}" if from_revision else revision
     try:
         config = _config(output_buffer=buffer, dialect_name=dialect_of(url_or_dialect))
-        command.upgrade(config, revision, sql=True)
+        command.upgrade(config, steps, sql=True)
     except CommandError as exc:
-        raise RunyardError(f"Cannot render SQL for {revision}: {exc}", "INVALID_STATE") from None
+        raise RunyardError(f"Cannot render SQL for {steps}: {exc}", "INVALID_STATE") from None
     return buffer.getvalue()

@@ -300,8 +300,11 @@ def db_upgrade(
         "--no-backup", help="Migrate without taking a backup first (not recommended).")] = False,
     keep: KeepOpt = None,
     sql: Annotated[bool, typer.Option(
-        "--sql", help="Print the SQL that would create the schema in an empty database of this dialect; "
-                      "connect to nothing.")] = False,
+        "--sql", help="Print the SQL the upgrade would run, for this URI's dialect; connect to nothing.")
+    ] = False,
+    from_revision: Annotated[str | None, typer.Option(
+        "--from-revision", help="With --sql: the revision the database is at (default: an empty database).",
+        show_default=False)] = None,
     yes: YesOpt = False,
     lock_timeout: LockTimeoutOpt = db.DEFAULT_LOCK_TIMEOUT_S,
     as_json: JsonOpt = False,
@@ -309,7 +312,7 @@ def db_upgrade(
     """Back up, verify the backup, migrate the schema to this runyard's revision and check the result;
     on any failure the database is brought back as it was."""
     if sql:
-        report = _run(db.upgrade, uri, sql=True, as_json=as_json)
+        report = _run(db.upgrade, uri, sql=True, from_revision=from_revision, as_json=as_json)
         if as_json:
             return _print_json(report)
         sys.stdout.write(report["sql"])

@@ -375,11 +375,13 @@ def plan_upgrade(uri: str, backup_to: str | None = None, no_backup: bool = False
 
 def upgrade(uri: str, sql: bool = False, backup_to: str | None = None, no_backup: bool = False,
             keep: int | None = None, revision: str = "head", lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
-            progress: Progress = SILENT) -> dict:
+            progress: Progress = SILENT, from_revision: str | None = None) -> dict:
     """Migrates the database to `revision` the safe way (see the module's docstring). With `sql`, only
-    renders the SQL for an empty database of the URI's dialect; nothing is connected to or written."""
+    renders the SQL, for a database at `from_revision` (default: an empty one) of the URI's dialect;
+    nothing is connected to or written."""
     if sql:
-        return {"backend": redact(uri), "head": runner.head_revision(), "sql": runner.offline_sql(uri)}
+        return {"backend": redact(uri), "head": runner.head_revision(),
+                "sql": runner.offline_sql(uri, revision, from_revision)}
     if keep is not None and keep < 1:
         raise RunyardError("--keep must be at least 1", "INVALID_PARAMETER_VALUE")
     started = time.monotonic()

@@ -59,6 +59,14 @@ def test_upgrade_sql_for_mssql_connects_to_nothing():
     assert SECRET not in result.stdout + result.stderr
 
 
+def test_upgrade_sql_from_a_revision_shows_only_the_pending_steps(tmp_path):
+    result = run_cli("db", "upgrade", f"postgresql://u:{SECRET}@nowhere/db", "--sql", "--from-revision", HEAD,
+                     newer=newer_migrations(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "CREATE TABLE ry_newer_marker" in result.stdout and "CREATE TABLE experiments" not in result.stdout
+    assert f"UPDATE alembic_version SET version_num='{NEWER_REVISION}'" in result.stdout
+
+
 @pytest.mark.parametrize("dialect", ["postgresql", "mysql"])
 def test_unreachable_database_is_one_clean_line(dialect):
     uri = f"{dialect}://someone:{SECRET}@127.0.0.1:{free_port()}/nothing"
