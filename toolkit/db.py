@@ -347,10 +347,10 @@ def default_backup_destination(uri: str) -> str | None:
     return str(folder / "backups") if folder is not None else None
 
 
-def _backup_destination(uri: str, state: runner.SchemaState, backup_to: str | None,
+def _backup_destination(uri: str, state: runner.SchemaState, pending: list[str], backup_to: str | None,
                         no_backup: bool) -> str | None:
-    """Where the upgrade from `state` keeps its backup; None when it takes none."""
-    if no_backup or state.empty or not runner.pending_revisions(state):
+    """Where the upgrade from `state` through `pending` keeps its backup; None when it takes none."""
+    if no_backup or state.empty or not pending:
         return None
     _refuse_mssql(uri, "take")
     destination = backup_to or default_backup_destination(uri)
@@ -370,7 +370,8 @@ def plan_upgrade(uri: str, backup_to: str | None = None, no_backup: bool = False
         return {**current(uri), "backup_to": None}
     with _engine(uri) as engine:
         state = runner.schema_state(engine)
-    return {**_report(uri, state), "backup_to": _backup_destination(uri, state, backup_to, no_backup)}
+    destination = _backup_destination(uri, state, runner.pending_revisions(state), backup_to, no_backup)
+    return {**_report(uri, state), "backup_to": destination}
 
 
 def upgrade(uri: str, sql: bool = False, backup_to: str | None = None, no_backup: bool = False,
@@ -394,7 +395,7 @@ def upgrade(uri: str, sql: bool = False, backup_to: str | None = None, no_backup
         runner.refuse_unless_upgradable(before, uri)
         pending = runner.pending_revisions(before, revision)
         made = None
-        destination = _backup_destination(uri, before, backup_to, no_backup)
+        destination = _backup_destination(uri, before, pending, backup_to, no_backup)
         if destination is not None:
             made = _backup(engine, uri, backups.destination(destination), before.revision, keep, progress)
             verify(made["backup"], using=uri, progress=progress)
