@@ -31,7 +31,7 @@ def server_info(msg, ctx) -> dict:
         "store_type": "SqlStore",
         "workspaces_enabled": False,
         "trace_archival_enabled": False,
-        "multipart_uploads_enabled": False,
+        "multipart_uploads_enabled": bool(ctx.artifacts and ctx.artifacts.supports_multipart_upload),
         "multipart_downloads_enabled": False,
         "artifact_serving_enabled": ctx.config.serve_artifacts,
         "presigned_upload_run_id_supported": False,

@@ -6,6 +6,7 @@ scheme is used, so a server on local files never loads a cloud SDK.
 
 from __future__ import annotations
 
+import importlib
 import os
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
@@ -15,8 +16,19 @@ from server.errors import RunyardError
 
 __all__ = ["ArtifactRepository", "FileInfo", "repository_for", "safe_relative_path"]
 
-# Schemes the interface is designed for (issue 4) but which have no module yet.
-PLANNED_SCHEMES = ("s3", "r2", "b2", "gs", "wasbs", "abfss", "hdfs", "viewfs", "ftp", "ftps", "sftp")
+# One module per store; each exposes `open_repository(uri) -> ArtifactRepository`, reading its
+# credentials and endpoints from the environment (MLflow's variable names) when called.
+STORE_MODULES = {
+    "s3": "server.artifacts.s3",
+    "wasbs": "server.artifacts.azure", "wasb": "server.artifacts.azure",
+    "abfss": "server.artifacts.azure", "abfs": "server.artifacts.azure",
+    "gs": "server.artifacts.gcs",
+    "ftp": "server.artifacts.ftp", "ftps": "server.artifacts.ftp",
+    "sftp": "server.artifacts.sftp",
+    "hdfs": "server.artifacts.hdfs", "viewfs": "server.artifacts.hdfs",
+}
+# The SDK a store needs when it is an optional extra of the distribution.
+EXTRAS = {"azure": "azure", "google": "gcs", "requests_kerberos": "kerberos", "gssapi": "kerberos"}
 
 
 def repository_for(uri: str) -> ArtifactRepository:
@@ -30,11 +42,19 @@ def repository_for(uri: str) -> ArtifactRepository:
         from server.artifacts.local import LocalArtifactRepository
 
         return LocalArtifactRepository(_file_uri_path(uri))
-    # Name only the scheme: the rest of the URI may carry credentials (ftp://user:pass@host).
-    hint = " yet" if scheme in PLANNED_SCHEMES else ""
-    raise RunyardError(
-        f"Artifact store scheme '{scheme}' is not supported{hint}; use a local path or a file: URI.",
-        "INVALID_STATE")
+    if scheme not in STORE_MODULES:
+        # Name only the scheme: the rest of the URI may carry credentials (ftp://user:pass@host).
+        raise RunyardError(f"Artifact store scheme '{scheme}' is not supported; use a local path, file:, "
+                           f"{', '.join(sorted(STORE_MODULES))}.", "INVALID_STATE")
+    try:
+        module = importlib.import_module(STORE_MODULES[scheme])
+    except ModuleNotFoundError as exc:
+        root = (exc.name or "").split(".")[0]
+        if root not in EXTRAS:
+            raise
+        raise RunyardError(f"Artifact store scheme '{scheme}' needs the {root} SDK: "
+                           f"pip install 'runyard[{EXTRAS[root]}]'", "INVALID_STATE") from None
+    return module.open_repository(uri)
 
 
 def _file_uri_path(uri: str) -> str:

@@ -88,6 +88,20 @@ def not_supported(what: str) -> RunyardError:
     return RunyardError(f"{what} is not supported by this artifact store.", "NOT_IMPLEMENTED")
 
 
+def store_failure(description: str, reason: str, secrets: tuple[str | None, ...] = (),
+                  unreachable: bool = False) -> RunyardError:
+    """The one error a store raises when its server fails it: names the store (its safe
+    `description`), never a secret. Unreachable -> 503 (worth a retry); refused (bad credentials,
+    expired ticket, missing bucket) -> 500: either way the server's configuration, not the client."""
+    for secret in secrets:
+        if secret:
+            reason = reason.replace(secret, "***")
+    reason = " ".join(reason.split())[:500]
+    verb = "cannot be reached" if unreachable else "refused the request"
+    return RunyardError(f"Artifact store {description} {verb}: {reason}",
+                        "TEMPORARILY_UNAVAILABLE" if unreachable else "INTERNAL_ERROR")
+
+
 class ArtifactRepository(ABC):
     """A store of files under one root. `path` arguments are relative; "" means the root."""
 

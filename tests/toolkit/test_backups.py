@@ -287,8 +287,8 @@ def test_backups_in_an_artifact_store(tmp_path):
 def test_unsupported_destination_scheme_names_the_scheme_only(tmp_path):
     store = str(tmp_path / "store")
     seed(store)
-    with pytest.raises(RunyardError, match="'s3' is not supported yet") as caught:
-        db.backup(store, "s3://bucket/backups?secret=hunter2")
+    with pytest.raises(RunyardError, match="'gopher' is not supported") as caught:
+        db.backup(store, "gopher://user:hunter2@host/backups")
     assert "hunter2" not in caught.value.message
 
 
