@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import databases, mlflow_env, report, upgrades
+from bench import databases, mlflow_env, report, sections
 from bench.runner import BackendRun, Plan, run_backend
 from bench.servers import ServerSpec
 from bench.sizes import pick
@@ -128,7 +128,7 @@ def main(argv: list[str]) -> int:
     text = report.render(runs, sizes, command, started, elapsed, facts, general_notes)
     results = args.results or (WORK / "RESULTS-quick.md" if args.quick else BENCH_DIR / "RESULTS.md")
     results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(upgrades.keep_section(results.read_text() if results.exists() else "", text))
+    results.write_text(sections.keep_sections(results.read_text() if results.exists() else "", text))
 
     for run in runs:
         print(f"\n## {run.backend}")

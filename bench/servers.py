@@ -77,14 +77,15 @@ def server_env(spec: ServerSpec) -> dict[str, str]:
 
 
 def start(spec: ServerSpec, cmd: list[str], port: int, log_path: Path, cwd: Path,
-          timeout: float = 90.0) -> Server:
+          timeout: float = 90.0, extra_env: dict[str, str] | None = None) -> Server:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
         log.write(("$ " + " ".join(cmd) + "\n").encode())
         log.flush()
         try:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=cwd, env=server_env(spec), start_new_session=True)
+                                    cwd=cwd, env={**server_env(spec), **(extra_env or {})},
+                                    start_new_session=True)
         except OSError as exc:
             raise ServerStartError(f"{spec.name}: cannot execute {cmd[0]}: {exc}") from exc
     server = Server(spec, proc, port, log_path)

@@ -1,6 +1,6 @@
 """`python -m bench.upgrades`: time `runyard db backup | verify | restore | upgrade` on a database holding
 10M metric rows (SQLite and PostgreSQL), next to the bare tool each one wraps, and write the table into
-bench/RESULTS.md (its own section; the REST benchmark keeps it when it rewrites the file).
+bench/RESULTS.md (its own section, see bench/sections.py).
 
 MLflow ships no backup, verify or restore, and its `mlflow db upgrade` runs on another schema, so the
 reference here is the bare dump each backup is built on: the SQLite backup API, `pg_dump -Fc`. The ratio
@@ -25,13 +25,12 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from bench import databases
+from bench import databases, sections
 from migrations import runner
 from server.store.uri import create_engine
 
 BENCH_DIR = Path(__file__).resolve().parent
 WORK = BENCH_DIR / ".work" / "upgrades"
-BEGIN, END = "<!-- upgrades:begin -->", "<!-- upgrades:end -->"
 LAUNCHER = ("import sys, migrations.runner as r; r.SCRIPT_LOCATION = sys.argv.pop(1); "
             "from toolkit.cli import app; app(prog_name='runyard')")
 NEXT_REVISION = '''"""Benchmark revision: one new table, no data moved.
@@ -153,7 +152,7 @@ def measure(backend: str, rows: int, folder: Path) -> dict:
 
 
 def render(results: dict[str, dict], started: dt.datetime, command: str) -> str:
-    lines = [BEGIN, "## Safe upgrades: backup, verify, restore, upgrade", "",
+    lines = ["## Safe upgrades: backup, verify, restore, upgrade", "",
              f"`{command}` on {started:%Y-%m-%d %H:%M} UTC. Each command is the CLI as an operator runs it "
              "(a fresh process, `--json`), timed end to end. *bare dump* is the tool the backup wraps "
              "(SQLite backup API / `pg_dump -Fc`), without manifest, checksums, SHA-256 or publish; the "
@@ -169,28 +168,8 @@ def render(results: dict[str, dict], started: dt.datetime, command: str) -> str:
                      f"{r['upgrade_s']:.1f} s | {r['backup_bytes'] / 2**20:,.0f} MiB "
                      f"(bare {r['bare_bytes'] / 2**20:,.0f} MiB) |")
     lines += ["", "Filling the database (INSERT … SELECT inside it) took "
-              + ", ".join(f"{b} {r['fill_s']:.0f} s" for b, r in results.items()) + ".", END, ""]
+              + ", ".join(f"{b} {r['fill_s']:.0f} s" for b, r in results.items()) + "."]
     return "\n".join(lines)
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replaces this benchmark's section of `path`, leaving the rest as it is."""
-    text = path.read_text() if path.exists() else ""
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        _, _, tail = rest.partition(END)
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
-def keep_section(old_text: str, new_text: str) -> str:
-    """For the REST benchmark: carry this benchmark's section over into its rewritten file."""
-    if BEGIN not in old_text or END not in old_text:
-        return new_text
-    section = BEGIN + old_text.partition(BEGIN)[2].partition(END)[0] + END + "\n"
-    return new_text.rstrip("\n") + "\n\n" + section
 
 
 def main(argv: list[str]) -> int:
@@ -209,7 +188,7 @@ def main(argv: list[str]) -> int:
         results[backend] = measure(backend, args.rows, WORK / backend)
         print(json.dumps({backend: results[backend]}), flush=True)
     command = "python -m bench.upgrades" + (" " + " ".join(argv) if argv else "")
-    write_section(args.results, render(results, started, command))
+    sections.write_section(args.results, "upgrades", render(results, started, command))
     print(f"wrote {args.results}")
     return 0
 
