@@ -235,10 +235,14 @@ async def _json_body(request: Request) -> dict:
 
 
 def _multipart_target(directory: str, body: dict) -> str:
-    # `path` is the file name inside the folder named by the URL (what the stock client sends).
-    name = body.get("path")
-    if not isinstance(name, str) or not name:
+    # The stock client sends the path of the file on its own disk; only its name counts (as in MLflow's
+    # server), stored inside the folder the URL names.
+    path = body.get("path")
+    if not isinstance(path, str) or not path:
         raise invalid("Missing value for required parameter 'path'")
+    name = re.split(r"[/\\]", path)[-1]
+    if name in ("", ".", ".."):
+        raise invalid(f"Invalid path: {path!r} names no file")
     return safe_file_path(posixpath.join(directory, safe_file_path(name)))
 
 

@@ -411,8 +411,9 @@ def test_capable_store_gets_multipart_and_presigned_calls(tmp_path):
         presigned = requests.get(f"{running.url}{API}/presigned/1/r/artifacts/big.bin", timeout=30).json()
         assert presigned == {"url": "https://store/1/r/artifacts/big.bin?ttl=300", "headers": {"x-h": "v"},
                              "file_size": 42}
-        assert_error(requests.post(f"{mpu}/create/1/r", json={"path": "../x", "num_parts": 2}, timeout=30),
-                     400, "INVALID_PARAMETER_VALUE")
+        for bad in ("..", "dir/", "C:\\tmp\\.."):
+            assert_error(requests.post(f"{mpu}/create/1/r", json={"path": bad, "num_parts": 2}, timeout=30),
+                         400, "INVALID_PARAMETER_VALUE")
         assert_error(requests.post(f"{mpu}/create/1/r", json={"path": "x", "num_parts": 0}, timeout=30),
                      400, "INVALID_PARAMETER_VALUE")
         assert_error(requests.post(f"{mpu}/abort/1/r", data=b"{not json", timeout=30),
