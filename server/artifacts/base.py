@@ -94,7 +94,7 @@ def store_failure(description: str, reason: str, secrets: tuple[str | None, ...]
     `description`), never a secret. Unreachable -> 503 (worth a retry); refused (bad credentials,
     expired ticket, missing bucket) -> 500: either way the server's configuration, not the client."""
     for secret in secrets:
-        if secret:
+        if secret and len(secret) >= 4:  # masking a one-letter password would garble every word
             reason = reason.replace(secret, "***")
     reason = " ".join(reason.split())[:500]
     verb = "cannot be reached" if unreachable else "refused the request"
