@@ -28,7 +28,7 @@ STORE_MODULES = {
     "hdfs": "server.artifacts.hdfs", "viewfs": "server.artifacts.hdfs",
 }
 # The SDK a store needs when it is an optional extra of the distribution.
-EXTRAS = {"azure": "azure", "google": "gcs", "requests_kerberos": "kerberos", "gssapi": "kerberos"}
+EXTRAS = {"azure": "azure", "google": "gcs", "gssapi": "kerberos"}
 
 
 def repository_for(uri: str) -> ArtifactRepository:
