@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
+import time
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -88,12 +90,27 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     # Autocommit at the driver level; transactions are begun explicitly (see _sqlite_begin).
     dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    _use_wal(cur)
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA case_sensitive_like=ON")
-    cur.execute("PRAGMA busy_timeout=30000")
     cur.close()
+
+
+def _use_wal(cur) -> None:
+    """Switches a new database to WAL once. The switch needs an exclusive lock and SQLite's busy handler
+    does not wait for it, so connections opened together while another writes retry by hand."""
+    for attempt in range(300):
+        try:
+            if cur.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+                return
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == 299:
+                raise
+            time.sleep(0.05)
 
 
 def _sqlite_begin(conn) -> None:
