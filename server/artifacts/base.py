@@ -84,6 +84,23 @@ class PresignedUrl:
     file_size: int | None = None
 
 
+async def rebatch(chunks: AsyncIterable[bytes], size: int = CHUNK_SIZE) -> AsyncIterator[bytes]:
+    """The bytes of `chunks` regrouped into blocks of at least `size` (the last may be shorter): one
+    worker-thread hop per block, however small the pieces a client sends."""
+    batch: list[bytes] = []
+    batched = 0
+    async for chunk in chunks:
+        if not chunk:
+            continue
+        batch.append(chunk)
+        batched += len(chunk)
+        if batched >= size:
+            yield b"".join(batch)
+            batch, batched = [], 0
+    if batch:
+        yield b"".join(batch)
+
+
 def not_supported(what: str) -> RunyardError:
     return RunyardError(f"{what} is not supported by this artifact store.", "NOT_IMPLEMENTED")
 

@@ -26,6 +26,7 @@ from server.artifacts.base import (
     ArtifactRepository,
     FileInfo,
     ReadStream,
+    rebatch,
     safe_file_path,
     safe_relative_path,
 )
@@ -169,20 +170,9 @@ class LocalArtifactRepository(ArtifactRepository):
         pending_file = await to_thread.run_sync(self._begin_write, relative)
         written = 0
         try:
-            batch: list[bytes] = []
-            batched = 0
-            async for chunk in chunks:
-                if not chunk:
-                    continue
-                batch.append(chunk)
-                batched += len(chunk)
-                if batched >= CHUNK_SIZE:
-                    await to_thread.run_sync(pending_file.write, b"".join(batch))
-                    written += batched
-                    batch, batched = [], 0
-            if batch:
-                await to_thread.run_sync(pending_file.write, b"".join(batch))
-                written += batched
+            async for block in rebatch(chunks):
+                await to_thread.run_sync(pending_file.write, block)
+                written += len(block)
             await to_thread.run_sync(pending_file.commit)
         except BaseException:
             # Cancelled or failed mid-upload: drop the temporary file; the old file (if any) stays.

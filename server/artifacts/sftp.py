@@ -36,6 +36,7 @@ from server.artifacts.base import (
     ArtifactRepository,
     FileInfo,
     ReadStream,
+    rebatch,
     safe_file_path,
     safe_relative_path,
     store_failure,
@@ -298,20 +299,9 @@ class SFTPArtifactRepository(ArtifactRepository):
         upload = await self._open(action, self._begin_upload, relative, target)
         written = 0
         try:
-            batch: list[bytes] = []
-            batched = 0
-            async for chunk in chunks:
-                if not chunk:
-                    continue
-                batch.append(chunk)
-                batched += len(chunk)
-                if batched >= CHUNK_SIZE:
-                    await self._hop(action, upload.send, b"".join(batch))
-                    written += batched
-                    batch, batched = [], 0
-            if batch:
-                await self._hop(action, upload.send, b"".join(batch))
-                written += batched
+            async for block in rebatch(chunks):
+                await self._hop(action, upload.send, block)
+                written += len(block)
             await self._hop(action, upload.commit, written)
         except BaseException:
             # Client gone, server failure or cancellation: the temporary file goes, the old file stays.
