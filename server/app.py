@@ -33,9 +33,9 @@ _BODY_METHODS = ("POST", "PUT")
 
 
 def all_routes() -> list[Route]:
-    from server.api import artifacts, experiments, health, metrics, models, run_artifacts, runs
+    from server.api import artifacts, auth, experiments, health, metrics, models, run_artifacts, runs
 
-    return [*health.ROUTES, *experiments.ROUTES, *runs.ROUTES, *metrics.ROUTES, *models.ROUTES,
+    return [*health.ROUTES, *auth.ROUTES, *experiments.ROUTES, *runs.ROUTES, *metrics.ROUTES, *models.ROUTES,
             *artifacts.ROUTES,
             *run_artifacts.ROUTES]
 
@@ -44,6 +44,7 @@ def build_context(config: ServerConfig) -> Context:
     from migrations.runner import ensure_schema
     from server.artifacts import repository_for
     from server.store.logged_models import LoggedModelStore
+    from server.store.tokens import TokenStore, load_pepper
     from server.store.tracking import TrackingStore
     from server.store.uri import create_engine
 
@@ -52,7 +53,8 @@ def build_context(config: ServerConfig) -> Context:
     store = TrackingStore(engine, config.artifact_root)
     store.ensure_default_experiment()
     artifacts = repository_for(config.artifacts_destination) if config.serve_artifacts else None
-    return Context(config=config, store=store, models=LoggedModelStore(store), artifacts=artifacts)
+    return Context(config=config, store=store, models=LoggedModelStore(store), artifacts=artifacts,
+                   tokens=TokenStore(store, load_pepper(config.token_pepper_file)))
 
 
 class RunyardApp:
@@ -64,6 +66,7 @@ class RunyardApp:
         self.executor = ThreadPoolExecutor(max_workers=int(os.environ.get("RUNYARD_THREADS", "16")),
                                            thread_name_prefix="runyard")
         self.host_allowed = host_checker(config)
+        self.forwarded_user = forwarded_user_reader(config)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
@@ -106,6 +109,7 @@ class RunyardApp:
             await send(message)
 
         template = "-"
+        user = self.forwarded_user(scope, request.headers)
         try:
             if not self.host_allowed(request.headers.get("host", "")):
                 response = errors.error_response(
@@ -127,18 +131,20 @@ class RunyardApp:
                             "ENDPOINT_NOT_FOUND",
                             f"Method {request.method} is not allowed for {scope['path']}", 405)
                     else:
-                        response = await self.dispatch(route, request, path_params)
+                        response = await self.dispatch(route, request, path_params, user)
         except Exception as exc:  # handlers raise RunyardError for client mistakes
             response = errors.from_exception(exc)
         await response(scope, receive, send_with_status)
         elapsed_ms = (time.perf_counter() - started) * 1000
-        access_log.info("%s %s %d %.1fms rid=%s", request.method, template, status_box[0], elapsed_ms,
-                        request_id)
+        access_log.info("%s %s %d %.1fms rid=%s user=%s", request.method, template, status_box[0],
+                        elapsed_ms, request_id, user or "-")
 
-    async def dispatch(self, route: Route, request: Request, path_params: dict) -> Response:
+    async def dispatch(self, route: Route, request: Request, path_params: dict, user: str | None
+                       ) -> Response:
         if route.raw:
             return await route.handler(request, self.context, **path_params)
         message = await _decode(request)
+        message.user = user
         if path_params:
             message.data.update(path_params)
         loop = asyncio.get_running_loop()
@@ -191,6 +197,31 @@ def host_checker(config: ServerConfig):
         return address.is_loopback or address.is_private
 
     return check
+
+
+def forwarded_user_reader(config: ServerConfig):
+    """X-Forwarded-User, believed only on connections from --trusted-proxies (anyone else could send it)."""
+    networks = [ipaddress.ip_network(p, strict=False) for p in config.trusted_proxies]
+
+    def trusted(address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:  # a unix socket
+            return False
+        return any(ip in network for network in networks)
+
+    def read(scope, headers) -> str | None:
+        if not networks:
+            return None
+        value = headers.get("x-forwarded-user", "").strip()
+        client = scope.get("client")
+        if not value or not client or not trusted(client[0]):
+            return None
+        # ASGI hands header bytes over as latin-1; NGINX passes the user name's UTF-8 bytes through.
+        value = value.encode("latin-1").decode("utf-8", "replace")
+        return value[:255] if value.isprintable() else None
+
+    return read
 
 
 def _hostname(host_header: str) -> str:

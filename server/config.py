@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 from dataclasses import dataclass, field
@@ -23,6 +24,9 @@ class ServerConfig:
     static_prefix: str = ""
     allowed_hosts: tuple[str, ...] = field(default_factory=tuple)
     log_level: str = "info"
+    # Addresses or networks of the reverse proxies whose X-Forwarded-User header names the request's user.
+    trusted_proxies: tuple[str, ...] = field(default_factory=tuple)
+    token_pepper_file: str | None = None  # the key bearer tokens are hashed with (runyard tokens)
 
     def __post_init__(self) -> None:
         prefix = self.static_prefix.rstrip("/")
@@ -31,6 +35,11 @@ class ServerConfig:
         object.__setattr__(self, "static_prefix", prefix)
         if self.workers < 1:
             raise ValueError("--workers must be at least 1")
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(f"--trusted-proxies: {proxy!r} is not an address or network") from None
 
     @property
     def artifact_root(self) -> str:
@@ -53,5 +62,6 @@ class ServerConfig:
         if not raw:
             return cls()
         data = json.loads(raw)
-        data["allowed_hosts"] = tuple(data.get("allowed_hosts") or ())
+        for name in ("allowed_hosts", "trusted_proxies"):
+            data[name] = tuple(data.get(name) or ())
         return cls(**data)

@@ -16,3 +16,4 @@ class Context:
     store: TrackingStore
     models: Any = None  # server.store.logged_models.LoggedModelStore
     artifacts: Any = None  # server.artifacts.base.ArtifactRepository when --serve-artifacts is on
+    tokens: Any = None  # server.store.tokens.TokenStore

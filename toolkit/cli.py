@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from enum import Enum
 from typing import Annotated, NoReturn
 
@@ -21,8 +22,9 @@ from rich.progress import (
 from rich.text import Text
 
 from server.errors import RunyardError
+from server.store.tokens import PEPPER_ENV, load_pepper
 from server.store.uri import redact
-from toolkit import db
+from toolkit import db, tokens
 
 app = typer.Typer(
     name="runyard",
@@ -34,6 +36,15 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Back up, verify, restore and migrate the backend store.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+tokens_app = typer.Typer(help="Bearer tokens for NGINX's token auth, kept as hashes in the backend store.",
+                         no_args_is_help=True)
+app.add_typer(tokens_app, name="tokens")
+users_app = typer.Typer(help="Users of NGINX's basic auth, in an htpasswd file (bcrypt).",
+                        no_args_is_help=True)
+app.add_typer(users_app, name="users")
+nginx_app = typer.Typer(help="NGINX in front of the server: configuration, checks, development certificates.",
+                        no_args_is_help=True)
+app.add_typer(nginx_app, name="nginx")
 
 out = Console(soft_wrap=True, highlight=False)
 err = Console(stderr=True, soft_wrap=True, highlight=False)  # soft_wrap: a message stays on one line
@@ -73,6 +84,10 @@ def _print_json(data: dict) -> None:
     sys.stdout.write(json.dumps(data) + "\n")
 
 
+def _split(values: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in (values or "").split(",") if v.strip())
+
+
 @app.command()
 def server(
     backend_store_uri: Annotated[str, _option(
@@ -97,6 +112,12 @@ def server(
         "(default: loopback and private addresses).", show_default=False)] = None,
     log_level: Annotated[LogLevel, _option("LOG_LEVEL", "Server log level.", case_sensitive=False)
                          ] = LogLevel.info,
+    trusted_proxies: Annotated[str | None, _option(
+        "TRUSTED_PROXIES", "Comma-separated addresses or networks of reverse proxies (NGINX) whose "
+        "X-Forwarded-User header names the request's user, e.g. 127.0.0.1.", show_default=False)] = None,
+    token_pepper_file: Annotated[str | None, _option(
+        "TOKEN_PEPPER_FILE", "File holding the secret key bearer tokens are hashed with; give "
+        "`runyard tokens` the same one.", show_default=False)] = None,
 ) -> None:
     """Run the tracking server.
 
@@ -106,17 +127,18 @@ def server(
     from server.config import ServerConfig
     from server.serve import serve
 
-    hosts = tuple(h.strip() for h in (allowed_hosts or "").split(",") if h.strip())
     try:
         config = ServerConfig(
             backend_store_uri=backend_store_uri, default_artifact_root=default_artifact_root,
             artifacts_destination=artifacts_destination, serve_artifacts=serve_artifacts, host=host,
-            port=port, workers=workers, static_prefix=static_prefix, allowed_hosts=hosts,
-            log_level=log_level.value)
+            port=port, workers=workers, static_prefix=static_prefix, allowed_hosts=_split(allowed_hosts),
+            log_level=log_level.value, trusted_proxies=_split(trusted_proxies),
+            token_pepper_file=token_pepper_file)
     except ValueError as exc:
         _fail(str(exc), "INVALID_PARAMETER_VALUE", exit_code=2)
     # Checked once here, before any worker starts, so a mismatch is one clear message and exit code 1.
     _run(db.ensure_ready, config.backend_store_uri)
+    _run(load_pepper, config.token_pepper_file)
     serve(config)
 
 
@@ -338,6 +360,229 @@ def db_upgrade(
                   markup=False)
     for removed in report["pruned"]:
         out.print(f"Removed old backup {removed}", markup=False)
+
+
+# ---- tokens -------------------------------------------------------------------------------------------
+
+StoreOpt = Annotated[str, typer.Option(
+    "--backend-store-uri", envvar="RUNYARD_BACKEND_STORE_URI",
+    help="The server's backend store (also RUNYARD_BACKEND_STORE_URI).")]
+PepperOpt = Annotated[str | None, typer.Option(
+    "--pepper-file", envvar=PEPPER_ENV, show_default=False,
+    help=f"The server's --token-pepper-file (also {PEPPER_ENV}).")]
+
+
+def _when(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+@tokens_app.command("create")
+def tokens_create(
+    name: Annotated[str, typer.Option("--name", help="A unique name for the token, e.g. ci-pipeline.",
+                                      show_default=False)],
+    user: Annotated[str | None, typer.Option(
+        "--user", help="The user the token acts as (default: its name).", show_default=False)] = None,
+    expires: Annotated[str | None, typer.Option(
+        "--expires", help="Lifetime, e.g. 90d, 12h, 2w (default: never).", show_default=False)] = None,
+    uri: StoreOpt = "./mlruns",
+    pepper_file: PepperOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a token and print it, once: only its hash is kept."""
+    token, info = _run(tokens.create, uri, name, user, expires, pepper_file, as_json=as_json)
+    if as_json:
+        return _print_json({"token": token, **info})
+    sys.stdout.write(token + "\n")  # alone on stdout, so TOKEN=$(runyard tokens create …) works
+    err.print(f"Created token '{info['name']}' for user '{info['user']}', expires "
+              f"{_when(info['expires_time']) if info['expires_time'] else 'never'}. It is shown only now; "
+              "clients send it as MLFLOW_TRACKING_TOKEN.", markup=False)
+
+
+@tokens_app.command("list")
+def tokens_list(uri: StoreOpt = "./mlruns", pepper_file: PepperOpt = None, as_json: JsonOpt = False) -> None:
+    """List tokens (names, users, dates; never the tokens)."""
+    rows = _run(tokens.list_tokens, uri, pepper_file, as_json=as_json)
+    if as_json:
+        return _print_json({"tokens": rows})
+    out.print(f"{'NAME':<24} {'USER':<20} {'STATUS':<8} {'CREATED':<20} {'EXPIRES':<20} LAST USED",
+              markup=False)
+    for row in rows:
+        out.print(f"{row['name']:<24} {row['user']:<20} {row['status']:<8} {_when(row['created_time']):<20} "
+                  f"{_when(row['expires_time']):<20} {_when(row['last_used_time'])}", markup=False)
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(
+    name: Annotated[str, typer.Argument(help="The token's name.", show_default=False)],
+    uri: StoreOpt = "./mlruns",
+    pepper_file: PepperOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Revoke a token: it stops working on the next request."""
+    _run(tokens.revoke, uri, name, pepper_file, as_json=as_json)
+    if as_json:
+        return _print_json({"revoked": name})
+    out.print(f"Revoked token '{name}'.", markup=False)
+
+
+# ---- users (htpasswd) ---------------------------------------------------------------------------------
+
+HtpasswdOpt = Annotated[str, typer.Option(
+    "--htpasswd", envvar="RUNYARD_HTPASSWD", show_default=False,
+    help="The htpasswd file NGINX checks (also RUNYARD_HTPASSWD).")]
+UserArg = Annotated[str, typer.Argument(help="The user name.", show_default=False)]
+PasswordStdinOpt = Annotated[bool, typer.Option(
+    "--password-stdin", help="Read the password from the first line of stdin instead of prompting.")]
+
+
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    if not sys.stdin.isatty():
+        _fail("No terminal to ask for the password on: pass --password-stdin", "INVALID_PARAMETER_VALUE")
+    password = typer.prompt("Password", hide_input=True, err=True)
+    if typer.prompt("Password again", hide_input=True, err=True) != password:
+        _fail("The passwords do not match.", "INVALID_PARAMETER_VALUE")
+    return password
+
+
+@users_app.command("add")
+def users_add(
+    name: UserArg,
+    htpasswd_file: HtpasswdOpt,
+    password_stdin: PasswordStdinOpt = False,
+    group: Annotated[str | None, typer.Option(
+        "--group", help="Make a new file readable by this group (NGINX's worker user, e.g. www-data); "
+                        "otherwise it is readable by its owner only.", show_default=False)] = None,
+) -> None:
+    """Add a user (bcrypt hash; the file is written atomically)."""
+    from toolkit import htpasswd
+
+    _run(htpasswd.add_user, htpasswd_file, name, _read_password(password_stdin), group=group)
+    out.print(f"Added user '{name}' to {htpasswd_file}.", markup=False)
+
+
+@users_app.command("passwd")
+def users_passwd(name: UserArg, htpasswd_file: HtpasswdOpt, password_stdin: PasswordStdinOpt = False) -> None:
+    """Set a user's password."""
+    from toolkit import htpasswd
+
+    _run(htpasswd.set_password, htpasswd_file, name, _read_password(password_stdin))
+    out.print(f"Changed the password of '{name}'.", markup=False)
+
+
+@users_app.command("remove")
+def users_remove(name: UserArg, htpasswd_file: HtpasswdOpt) -> None:
+    """Remove a user."""
+    from toolkit import htpasswd
+
+    _run(htpasswd.remove_user, htpasswd_file, name)
+    out.print(f"Removed user '{name}' from {htpasswd_file}.", markup=False)
+
+
+@users_app.command("list")
+def users_list(htpasswd_file: HtpasswdOpt, as_json: JsonOpt = False) -> None:
+    """List the users (never their hashes)."""
+    from toolkit import htpasswd
+
+    names = _run(htpasswd.list_users, htpasswd_file, as_json=as_json)
+    if as_json:
+        return _print_json({"users": names})
+    for name in names:
+        out.print(name, markup=False)
+
+
+# ---- nginx --------------------------------------------------------------------------------------------
+
+class AuthMode(str, Enum):
+    basic = "basic"
+    token = "token"
+    basic_token = "basic+token"
+    none = "none"
+
+
+@nginx_app.command("render")
+def nginx_render(
+    upstream: Annotated[list[str], typer.Option(
+        "--upstream", help="HOST:PORT of a runyard server; repeat for several.", show_default=False)],
+    listen: Annotated[str, typer.Option("--listen", help="ADDR:PORT NGINX listens on.", show_default=False)],
+    auth: Annotated[AuthMode, typer.Option("--auth", help="How clients authenticate.", show_default=False)],
+    output: Annotated[str, typer.Option("--output", "-o", help="The configuration file to write.",
+                                        show_default=False)],
+    htpasswd_file: Annotated[str | None, typer.Option(
+        "--htpasswd", help="htpasswd file for basic auth (see `runyard users`).", show_default=False)] = None,
+    tls_cert: Annotated[str | None, typer.Option("--tls-cert", help="TLS certificate (chain) file.",
+                                                 show_default=False)] = None,
+    tls_key: Annotated[str | None, typer.Option("--tls-key", help="TLS private key file.",
+                                                show_default=False)] = None,
+    client_ca: Annotated[str | None, typer.Option(
+        "--client-ca", help="Require client certificates signed by this CA (mTLS).",
+        show_default=False)] = None,
+    static_prefix: Annotated[str, typer.Option(
+        "--static-prefix", help="Serve under this path; run the servers with the same --static-prefix.",
+        show_default=False)] = "",
+    server_name: Annotated[str, typer.Option("--server-name", help="NGINX server_name.")] = "_",
+    redirect_http: Annotated[str | None, typer.Option(
+        "--redirect-http", help="ADDR:PORT of a plain-HTTP listener that redirects to HTTPS.",
+        show_default=False)] = None,
+    state_dir: Annotated[str, typer.Option(
+        "--state-dir", help="NGINX's pid file, temporary files and logs.")] = "/var/lib/runyard/nginx",
+    worker_user: Annotated[str | None, typer.Option(
+        "--worker-user", help="The user NGINX's workers run as (must read the htpasswd file).",
+        show_default=False)] = None,
+    max_upload_size: Annotated[str, typer.Option(
+        "--max-upload-size", help="Largest artifact upload, in NGINX size syntax (0: no limit).")] = "100g",
+    login_rate: Annotated[str, typer.Option(
+        "--login-rate", help="Failed logins allowed per client address, e.g. 30r/m.")] = "30r/m",
+    insecure_no_auth: Annotated[bool, typer.Option(
+        "--insecure-no-auth",
+        help="Allow --auth none: anyone who reaches NGINX can read and write.")] = False,
+    no_check: Annotated[bool, typer.Option(
+        "--no-check", help="Do not validate with `nginx -t` (when rendering for another host).")] = False,
+) -> None:
+    """Write a complete NGINX configuration for runyard, validated with `nginx -t`."""
+    from toolkit import nginx
+
+    settings = _run(nginx.NginxSettings, upstreams=tuple(upstream), listen=listen, auth=auth.value,
+                    htpasswd=htpasswd_file, tls_cert=tls_cert, tls_key=tls_key, client_ca=client_ca,
+                    static_prefix=static_prefix, insecure_no_auth=insecure_no_auth, server_name=server_name,
+                    state_dir=state_dir, worker_user=worker_user, redirect_http=redirect_http,
+                    max_upload_size=max_upload_size, login_rate=login_rate)
+    path = _run(nginx.write, settings, output, validate=not no_check)
+    checked = "not validated (--no-check)" if no_check else "validated with nginx -t"
+    out.print(f"Wrote {path} ({checked}).", markup=False)
+
+
+@nginx_app.command("check")
+def nginx_check(config: Annotated[str, typer.Argument(help="An NGINX configuration file.",
+                                                      show_default=False)]) -> None:
+    """Validate a configuration with `nginx -t`."""
+    from toolkit import nginx
+
+    _run(nginx.check, config)
+    out.print(f"{config}: nginx -t passed.", markup=False)
+
+
+@nginx_app.command("selfsigned")
+def nginx_selfsigned(
+    out_dir: Annotated[str, typer.Argument(help="Folder for ca.pem, cert.pem, key.pem.", show_default=False)],
+    host: Annotated[list[str] | None, typer.Option(
+        "--host", help="DNS name or IP address the certificate is for; repeat for several "
+                       "(default: localhost and 127.0.0.1).", show_default=False)] = None,
+    days: Annotated[int, typer.Option("--days", min=1, help="Validity in days.")] = 365,
+    client: Annotated[str | None, typer.Option(
+        "--client", help="Also issue a client certificate with this name, for mTLS.",
+        show_default=False)] = None,
+) -> None:
+    """Make a development CA and a server certificate signed by it (never for production)."""
+    from toolkit import certs
+
+    hosts = tuple(host) if host else ("localhost", "127.0.0.1")
+    written = _run(certs.selfsigned, out_dir, hosts=hosts, days=days, client=client)
+    for role, path in written.items():
+        out.print(f"{role:<12} {path}", markup=False)
 
 
 if __name__ == "__main__":

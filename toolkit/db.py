@@ -68,7 +68,7 @@ def _password(uri: str) -> str | None:
 
 
 @contextmanager
-def _engine(uri: str) -> Iterator[sa.Engine]:
+def engine_for(uri: str) -> Iterator[sa.Engine]:
     """An engine for one operation, disposed afterwards; failures to reach the database are
     turned into RunyardError naming the (redacted) URI."""
     engine = None
@@ -126,13 +126,13 @@ def current(uri: str) -> dict:
     """Where the database's schema stands against this runyard's head revision."""
     if _missing_embedded_db(uri):
         return _report(uri, runner.SchemaState(None, runner.head_revision(), True, ()))
-    with _engine(uri) as engine:
+    with engine_for(uri) as engine:
         return _report(uri, runner.schema_state(engine))
 
 
 def ensure_ready(uri: str) -> None:
     """What a starting server needs: an empty database is initialised, a mismatched one refused."""
-    with _engine(uri) as engine:
+    with engine_for(uri) as engine:
         runner.ensure_schema(engine, uri)
 
 
@@ -155,7 +155,7 @@ def backup(uri: str, to: str, keep: int | None = None, progress: Progress = SILE
     if _missing_embedded_db(uri):
         raise RunyardError(f"There is no database to back up at {embedded_folder(uri)}", "INVALID_STATE")
     dest = backups.destination(to)
-    with _engine(uri) as engine:
+    with engine_for(uri) as engine:
         state = runner.schema_state(engine)
         return _backup(engine, uri, dest, state.revision, keep, progress)
 
@@ -296,7 +296,7 @@ def restore(uri: str, source: str, any_revision: bool = False,
     """Replaces the database's contents with the backup's, then checks them against its manifest.
     Refuses a backup of another schema revision than the database's unless `any_revision`."""
     started = time.monotonic()
-    with _open_backup(source) as (manifest, data, shown), _engine(uri) as engine:
+    with _open_backup(source) as (manifest, data, shown), engine_for(uri) as engine:
         _same_kind(manifest, engine.url, shown)
         with locks.session_lock(engine, lock_timeout_s, progress.waiting):
             state = runner.schema_state(engine)
@@ -368,7 +368,7 @@ def plan_upgrade(uri: str, backup_to: str | None = None, no_backup: bool = False
         _refuse_mssql(uri, "take")  # before connecting: its driver may not even be installed
     if _missing_embedded_db(uri):
         return {**current(uri), "backup_to": None}
-    with _engine(uri) as engine:
+    with engine_for(uri) as engine:
         state = runner.schema_state(engine)
     destination = _backup_destination(uri, state, runner.pending_revisions(state), backup_to, no_backup)
     return {**_report(uri, state), "backup_to": destination}
@@ -386,7 +386,7 @@ def upgrade(uri: str, sql: bool = False, backup_to: str | None = None, no_backup
     if keep is not None and keep < 1:
         raise RunyardError("--keep must be at least 1", "INVALID_PARAMETER_VALUE")
     started = time.monotonic()
-    with _engine(uri) as engine, locks.session_lock(engine, lock_timeout_s, progress.waiting):
+    with engine_for(uri) as engine, locks.session_lock(engine, lock_timeout_s, progress.waiting):
         before = runner.schema_state(engine)
         notes = []
         if before.interrupted is not None:

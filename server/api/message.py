@@ -41,11 +41,12 @@ def _bad(name: str, value: Any, why: str):
 class Message:
     """One request's fields. `from_query` marks values that came from a URL (all strings)."""
 
-    __slots__ = ("data", "from_query")
+    __slots__ = ("data", "from_query", "user")
 
     def __init__(self, data: dict, from_query: bool = False):
         self.data = data
         self.from_query = from_query
+        self.user: str | None = None  # who made the request, as a trusted proxy says (X-Forwarded-User)
 
     @classmethod
     def from_json(cls, body: bytes) -> Message:

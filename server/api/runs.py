@@ -60,13 +60,18 @@ def _plain_metric(item: dict) -> dict | None:
     return None
 
 
+USER_TAG = "mlflow.user"
 _PLAIN_METRIC_FIELDS = {"key", "value", "timestamp", "step", "run_id", "run_uuid", "model_id",
                         "dataset_name", "dataset_digest"}
 
 
 def create(msg: Message, ctx) -> dict:
-    run = ctx.store.create_run(msg.str("experiment_id"), msg.str("user_id"), msg.int("start_time"),
-                               msg.str("run_name"), msg.pairs("tags"))
+    user_id, tags = msg.str("user_id"), msg.pairs("tags")
+    if msg.user is not None:  # authenticated by the proxy: the run is theirs, whatever the client claims
+        user_id = msg.user
+        tags = [(k, v) for k, v in tags if k != USER_TAG] + [(USER_TAG, msg.user)]
+    run = ctx.store.create_run(msg.str("experiment_id"), user_id, msg.int("start_time"),
+                               msg.str("run_name"), tags)
     return {"run": run}
 
 

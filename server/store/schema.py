@@ -239,3 +239,18 @@ logged_model_metrics = sa.Table(
     **_CLUSTERED,
     **_MYSQL,
 )
+
+# Bearer tokens that NGINX's auth_request checks through the server (toolkit `runyard tokens`). Only a keyed
+# hash of each token is kept; the token itself is shown once, when it is created.
+access_tokens = sa.Table(
+    "access_tokens",
+    metadata,
+    sa.Column("name", sa.String(255), primary_key=True),
+    sa.Column("user_name", sa.String(255), nullable=False),
+    sa.Column("token_hash", sa.String(64), nullable=False),
+    sa.Column("created_time", sa.BigInteger, nullable=False),
+    sa.Column("expires_time", sa.BigInteger, nullable=True),
+    sa.Column("last_used_time", sa.BigInteger, nullable=True),
+    sa.UniqueConstraint("token_hash"),
+    **_MYSQL,
+)
