@@ -43,6 +43,7 @@ def all_routes() -> list[Route]:
 def build_context(config: ServerConfig) -> Context:
     from migrations.runner import ensure_schema
     from server.artifacts import repository_for
+    from server.passwords import PasswordFile
     from server.store.logged_models import LoggedModelStore
     from server.store.tokens import TokenStore, load_pepper
     from server.store.tracking import TrackingStore
@@ -53,8 +54,9 @@ def build_context(config: ServerConfig) -> Context:
     store = TrackingStore(engine, config.artifact_root)
     store.ensure_default_experiment()
     artifacts = repository_for(config.artifacts_destination) if config.serve_artifacts else None
+    passwords = PasswordFile(config.htpasswd_file) if config.htpasswd_file else None
     return Context(config=config, store=store, models=LoggedModelStore(store), artifacts=artifacts,
-                   tokens=TokenStore(store, load_pepper(config.token_pepper_file)))
+                   tokens=TokenStore(store, load_pepper(config.token_pepper_file)), passwords=passwords)
 
 
 class RunyardApp:

@@ -27,6 +27,7 @@ class ServerConfig:
     # Addresses or networks of the reverse proxies whose X-Forwarded-User header names the request's user.
     trusted_proxies: tuple[str, ...] = field(default_factory=tuple)
     token_pepper_file: str | None = None  # the key bearer tokens are hashed with (runyard tokens)
+    htpasswd_file: str | None = None  # basic-auth users checked for NGINX (runyard users)
 
     def __post_init__(self) -> None:
         prefix = self.static_prefix.rstrip("/")

@@ -17,3 +17,4 @@ class Context:
     models: Any = None  # server.store.logged_models.LoggedModelStore
     artifacts: Any = None  # server.artifacts.base.ArtifactRepository when --serve-artifacts is on
     tokens: Any = None  # server.store.tokens.TokenStore
+    passwords: Any = None  # server.passwords.PasswordFile with --htpasswd

@@ -39,7 +39,7 @@ app.add_typer(db_app, name="db")
 tokens_app = typer.Typer(help="Bearer tokens for NGINX's token auth, kept as hashes in the backend store.",
                          no_args_is_help=True)
 app.add_typer(tokens_app, name="tokens")
-users_app = typer.Typer(help="Users of NGINX's basic auth, in an htpasswd file (bcrypt).",
+users_app = typer.Typer(help="Basic-auth users, in the htpasswd file `runyard server --htpasswd` checks.",
                         no_args_is_help=True)
 app.add_typer(users_app, name="users")
 nginx_app = typer.Typer(help="NGINX in front of the server: configuration, checks, development certificates.",
@@ -118,6 +118,9 @@ def server(
     token_pepper_file: Annotated[str | None, _option(
         "TOKEN_PEPPER_FILE", "File holding the secret key bearer tokens are hashed with; give "
         "`runyard tokens` the same one.", show_default=False)] = None,
+    htpasswd_file: Annotated[str | None, _option(
+        "HTPASSWD", "htpasswd file (bcrypt) of the users NGINX's basic auth lets in; see `runyard users`.",
+        decls=("--htpasswd",), show_default=False)] = None,
 ) -> None:
     """Run the tracking server.
 
@@ -133,12 +136,16 @@ def server(
             artifacts_destination=artifacts_destination, serve_artifacts=serve_artifacts, host=host,
             port=port, workers=workers, static_prefix=static_prefix, allowed_hosts=_split(allowed_hosts),
             log_level=log_level.value, trusted_proxies=_split(trusted_proxies),
-            token_pepper_file=token_pepper_file)
+            token_pepper_file=token_pepper_file, htpasswd_file=htpasswd_file)
     except ValueError as exc:
         _fail(str(exc), "INVALID_PARAMETER_VALUE", exit_code=2)
     # Checked once here, before any worker starts, so a mismatch is one clear message and exit code 1.
     _run(db.ensure_ready, config.backend_store_uri)
     _run(load_pepper, config.token_pepper_file)
+    if config.htpasswd_file:
+        from server.passwords import PasswordFile
+
+        _run(PasswordFile, config.htpasswd_file)
     serve(config)
 
 
@@ -454,8 +461,9 @@ def users_add(
     htpasswd_file: HtpasswdOpt,
     password_stdin: PasswordStdinOpt = False,
     group: Annotated[str | None, typer.Option(
-        "--group", help="Make a new file readable by this group (NGINX's worker user, e.g. www-data); "
-                        "otherwise it is readable by its owner only.", show_default=False)] = None,
+        "--group", help="Make the file readable by this group (when the server runs as another user "
+                        "than the file's owner); otherwise only its owner reads it.",
+        show_default=False)] = None,
 ) -> None:
     """Add a user (bcrypt hash; the file is written atomically)."""
     from toolkit import htpasswd

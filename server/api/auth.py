@@ -1,10 +1,14 @@
-"""The bearer-token check NGINX's auth_request calls before it forwards a request.
+"""The credential check NGINX's auth_request calls before it forwards a request.
 
-200 with `X-Runyard-User: <user>` for a valid token, 401 for anything else. NGINX keeps the path
-`/_runyard/` from the outside world; the answer says nothing about why a token was refused.
+A bearer token (checked against the backend store) or, with --htpasswd, a basic-auth user and password.
+200 with `X-Runyard-User: <user>` when valid, 401 for anything else; the answer never says why. NGINX
+keeps the path `/_runyard/` from the outside world.
 """
 
 from __future__ import annotations
+
+import base64
+import binascii
 
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
@@ -14,14 +18,27 @@ from server.api.routing import raw_route
 USER_HEADER = "x-runyard-user"
 
 
-async def check_token(request, ctx) -> Response:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+async def check(request, ctx) -> Response:
+    scheme, _, credential = request.headers.get("authorization", "").partition(" ")
+    scheme, credential = scheme.lower(), credential.strip()
     user = None
-    if scheme.lower() == "bearer" and token.strip():
-        user = await run_in_threadpool(ctx.tokens.authenticate, token.strip())
+    if scheme == "bearer" and credential:
+        user = await run_in_threadpool(ctx.tokens.authenticate, credential)
+    elif scheme == "basic" and credential and ctx.passwords is not None:
+        name, password = _basic(credential)
+        if name and await run_in_threadpool(ctx.passwords.verify, name, password):
+            user = name
     if user is None:
-        return Response(status_code=401, headers={"www-authenticate": "Bearer"})
+        return Response(status_code=401)
     return Response(status_code=200, headers={USER_HEADER: user, "cache-control": "no-store"})
 
 
-ROUTES = [raw_route("GET", "/_runyard/auth", check_token, prefixed=False)]
+def _basic(credential: str) -> tuple[str, str]:
+    try:
+        name, _, password = base64.b64decode(credential, validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return "", ""
+    return name, password
+
+
+ROUTES = [raw_route("GET", "/_runyard/auth", check, prefixed=False)]

@@ -4,13 +4,14 @@ the backend store (`runyard tokens`), and X-Forwarded-User from trusted proxies 
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import uuid
 
 import pytest
 import requests
 import sqlalchemy as sa
-from helpers.cli import run_cli
+from helpers.cli import clean_env, cli_command, run_cli
 
 from server.store.uri import create_engine
 
@@ -162,3 +163,49 @@ def test_missing_pepper_file_is_refused_at_start(tmp_path):
     result = run_cli("server", "--backend-store-uri", str(tmp_path / "s"),
                      "--token-pepper-file", str(tmp_path / "nope"))
     assert result.returncode == 1 and "Cannot read the token pepper file" in result.stderr
+
+
+def _add_user(htpasswd, name: str, password: str, command: str = "add"):
+    result = subprocess.run(cli_command("users", command, name, "--htpasswd", str(htpasswd),
+                                        "--password-stdin"),
+                            input=password + "\n", capture_output=True, text=True, env=clean_env())
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def _basic(server, user: str, password: str) -> requests.Response:
+    return requests.get(f"{server.url}{AUTH}", auth=(user, password))
+
+
+def test_basic_credentials_are_checked_against_the_htpasswd_file(server_factory, tmp_path):
+    htpasswd = tmp_path / "htpasswd"
+    _add_user(htpasswd, "alice", "correct horse")
+    server = server_factory(None, "--htpasswd", str(htpasswd))
+    answer = _basic(server, "alice", "correct horse")
+    assert answer.status_code == 200 and answer.headers["x-runyard-user"] == "alice"
+    assert _basic(server, "alice", "correct horse").status_code == 200  # remembered: no second hash
+    assert _basic(server, "alice", "wrong").status_code == 401
+    assert _basic(server, "bob", "correct horse").status_code == 401
+    assert requests.get(f"{server.url}{AUTH}", headers={"Authorization": "Basic %%%"}).status_code == 401
+
+
+def test_changed_and_removed_passwords_stop_working_without_a_restart(server_factory, tmp_path):
+    htpasswd = tmp_path / "htpasswd"
+    _add_user(htpasswd, "alice", "first password")
+    server = server_factory(None, "--htpasswd", str(htpasswd))
+    assert _basic(server, "alice", "first password").status_code == 200
+    _add_user(htpasswd, "alice", "second password", command="passwd")
+    assert _basic(server, "alice", "first password").status_code == 401
+    assert _basic(server, "alice", "second password").status_code == 200
+    removed = run_cli("users", "remove", "alice", "--htpasswd", str(htpasswd))
+    assert removed.returncode == 0, removed.stderr
+    assert _basic(server, "alice", "second password").status_code == 401
+
+
+def test_basic_credentials_are_refused_without_an_htpasswd_file(server):
+    assert _basic(server, "alice", "anything").status_code == 401
+
+
+def test_unreadable_htpasswd_file_is_refused_at_start(tmp_path):
+    result = run_cli("server", "--backend-store-uri", str(tmp_path / "s"), "--htpasswd", str(tmp_path / "no"))
+    assert result.returncode == 1 and "Cannot read the htpasswd file" in result.stderr

@@ -1,0 +1,325 @@
+"""The htpasswd file of basic-auth users (`runyard server --htpasswd`, checked for NGINX's auth_request by
+`server/passwords.py`): add, re-password, remove and list users.
+
+One `name:hash` line per user. New hashes are bcrypt written as `$2y$` (what Apache's `htpasswd -B` writes,
+so the file also works with NGINX's own auth_basic). Every other line (comments, blank lines, other users,
+other hash formats such as `$apr1$` or `{SHA}`) is kept byte for byte.
+
+Edits are read-modify-write under an exclusive `flock` on `<file>.lock` (so concurrent edits never lose
+an update), and the new content is written to a temporary file in the same directory, fsynced and renamed
+over the old one: a server reading the file sees the old file or the new one, never a partial one, and
+notices the new one on its next request. New files are created 0600 (0640 with `group`, for a reader
+running as another user); a rewritten file keeps its mode, owner and group.
+
+A password is never put in an error message, and no exception raised here chains one that could hold it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import grp
+import os
+import secrets
+import stat
+import unicodedata
+from collections.abc import Callable
+from pathlib import Path
+
+import bcrypt
+
+from server.errors import RunyardError
+
+# bcrypt cost factor: 2**12 rounds, about a quarter of a second per hash on a current CPU. Tests lower it
+# by patching this constant (cost 4, about a millisecond) so they stay fast; there is deliberately no
+# environment override, so a production file can never be written with a weak cost by accident.
+BCRYPT_ROUNDS = 12
+MAX_NAME_CHARS = 255
+MAX_PASSWORD_BYTES = 72  # bcrypt ignores everything past 72 bytes; we refuse rather than truncate
+_BCRYPT_PREFIXES = (b"$2a$", b"$2b$", b"$2y$")
+_LINE_ENDINGS = b"\r\n"
+
+
+# ----------------------------------------------------------------------------------------------------
+# public operations
+
+
+def add_user(path: str | os.PathLike[str], name: str, password: str, group: str | None = None) -> None:
+    """Adds `name` with a bcrypt hash of `password`, creating the file (0600) when it does not exist.
+
+    With `group` (a group name or numeric id), the file is given that group and mode 0640 so a
+    server running as another user can read it. Raises RESOURCE_ALREADY_EXISTS when the user is present.
+    """
+    key = _check_name(name)
+    secret = _check_password(password)
+    gid = _group_id(group) if group is not None else None
+    line = key + b":" + _hash(secret)  # hashing is slow: done before taking the lock
+    target = _resolve(path)
+
+    def edit(lines: list[bytes]) -> list[bytes]:
+        if _find(lines, key):
+            raise RunyardError(f"user {name!r} already exists in {target}", "RESOURCE_ALREADY_EXISTS")
+        if lines and not lines[-1].endswith(b"\n"):
+            lines[-1] += b"\n"
+        return [*lines, line + b"\n"]
+
+    _update(target, edit, create=True, gid=gid)
+
+
+def set_password(path: str | os.PathLike[str], name: str, password: str) -> None:
+    """Replaces the hash of an existing user (RESOURCE_DOES_NOT_EXIST when absent).
+
+    Should the file hold the user more than once (a hand edit), the first line is rewritten and the later
+    ones, which NGINX would never consult, are dropped.
+    """
+    key = _check_name(name)
+    secret = _check_password(password)
+    new_line = key + b":" + _hash(secret)
+    target = _resolve(path)
+
+    def edit(lines: list[bytes]) -> list[bytes]:
+        found = _find(lines, key)
+        if not found:
+            raise _no_user(name, target)
+        first = found[0]
+        ending = lines[first][len(lines[first].rstrip(_LINE_ENDINGS)):] or b"\n"
+        out = list(lines)
+        out[first] = new_line + ending
+        return [line for i, line in enumerate(out) if i not in found[1:]]
+
+    _update(target, edit, create=False)
+
+
+def remove_user(path: str | os.PathLike[str], name: str) -> None:
+    """Removes every line of `name` (RESOURCE_DOES_NOT_EXIST when absent): a duplicate left behind would
+    let the removed user in."""
+    key = _check_name(name)
+    target = _resolve(path)
+
+    def edit(lines: list[bytes]) -> list[bytes]:
+        found = set(_find(lines, key))
+        if not found:
+            raise _no_user(name, target)
+        return [line for i, line in enumerate(lines) if i not in found]
+
+    _update(target, edit, create=False)
+
+
+def list_users(path: str | os.PathLike[str]) -> list[str]:
+    """User names in file order (each once). A missing file is RESOURCE_DOES_NOT_EXIST."""
+    names: list[str] = []
+    for line in _read(_resolve(path), missing_ok=False) or []:
+        entry = _entry(line)
+        if entry is not None:
+            name = entry[0].decode("utf-8", "replace")
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def verify(path: str | os.PathLike[str], name: str, password: str) -> bool:
+    """True when `password` matches the first line of `name`, as NGINX would decide.
+
+    Only bcrypt lines (`$2a$`, `$2b$`, `$2y$`) are checked; a user whose line has another format
+    (`$apr1$`, `{SHA}`, ...) gives False, as do an unknown user and a password `add_user` would refuse.
+    A missing file is RESOURCE_DOES_NOT_EXIST.
+    """
+    try:
+        key = _check_name(name)
+        secret = _check_password(password)
+    except RunyardError:
+        return False
+    lines = _read(_resolve(path), missing_ok=False) or []
+    found = _find(lines, key)
+    if not found:
+        return False
+    stored = _entry(lines[found[0]])[1]  # type: ignore[index]
+    if not stored.startswith(_BCRYPT_PREFIXES):
+        return False
+    try:
+        return bcrypt.checkpw(secret, stored)
+    except ValueError:  # a malformed hash
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------
+# validation
+
+
+def _check_name(name: str) -> bytes:
+    if not isinstance(name, str) or not name:
+        raise _invalid("user name must not be empty")
+    if len(name) > MAX_NAME_CHARS:
+        raise _invalid(f"user name must be at most {MAX_NAME_CHARS} characters (got {len(name)})")
+    if ":" in name:
+        raise _invalid("user name must not contain ':' (it separates the name from the hash)")
+    if any(ch.isspace() or unicodedata.category(ch).startswith("C") for ch in name):
+        raise _invalid("user name must not contain whitespace or control characters")
+    if name.startswith("#"):
+        raise _invalid("user name must not start with '#' (NGINX reads such a line as a comment)")
+    return name.encode("utf-8")
+
+
+def _check_password(password: str) -> bytes:
+    # Messages here describe the rule only: never the password, nor any part of it.
+    if not isinstance(password, str) or not password:
+        raise _invalid("password must not be empty")
+    if "\x00" in password:
+        raise _invalid("password must not contain a NUL character")
+    if "\n" in password or "\r" in password:
+        raise _invalid("password must not contain a line break")
+    try:
+        secret = password.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _invalid("password is not valid Unicode text") from None  # the exception quotes the text
+    if len(secret) > MAX_PASSWORD_BYTES:
+        raise _invalid(f"password must be at most {MAX_PASSWORD_BYTES} bytes in UTF-8 (bcrypt's limit; "
+                       f"got {len(secret)})")
+    return secret
+
+
+def _group_id(group: str) -> int:
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        pass
+    if group.isdigit():
+        return int(group)
+    raise _invalid(f"group {group!r} does not exist")
+
+
+def _invalid(message: str) -> RunyardError:
+    return RunyardError(message, "INVALID_PARAMETER_VALUE")
+
+
+def _no_user(name: str, target: Path) -> RunyardError:
+    return RunyardError(f"user {name!r} does not exist in {target}", "RESOURCE_DOES_NOT_EXIST")
+
+
+# ----------------------------------------------------------------------------------------------------
+# file format
+
+
+def _hash(secret: bytes) -> bytes:
+    hashed = bcrypt.hashpw(secret, bcrypt.gensalt(rounds=BCRYPT_ROUNDS, prefix=b"2b"))
+    return b"$2y$" + hashed[len(b"$2b$"):]  # same algorithm; `$2y$` is what `htpasswd -B` writes
+
+
+def _entry(line: bytes) -> tuple[bytes, bytes] | None:
+    """(name, hash) of a user line; None for comments, blank lines and lines without a name."""
+    if line.startswith(b"#"):
+        return None
+    name, sep, rest = line.rstrip(_LINE_ENDINGS).partition(b":")
+    if not sep or not name:
+        return None
+    return name, rest
+
+
+def _find(lines: list[bytes], key: bytes) -> list[int]:
+    return [i for i, line in enumerate(lines) if (entry := _entry(line)) is not None and entry[0] == key]
+
+
+# ----------------------------------------------------------------------------------------------------
+# files
+
+
+def _resolve(path: str | os.PathLike[str]) -> Path:
+    # Through symlinks: the rename must replace the real file, not the link, and every caller must lock
+    # the same sidecar whichever link it came through.
+    return Path(os.path.realpath(os.fspath(path)))
+
+
+def _read(target: Path, missing_ok: bool) -> list[bytes] | None:
+    try:
+        data = target.read_bytes()
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise RunyardError(f"htpasswd file {target} does not exist", "RESOURCE_DOES_NOT_EXIST") from None
+    except OSError as exc:
+        raise _os_error("cannot read", target, exc) from None
+    return data.splitlines(keepends=True)
+
+
+def _update(target: Path, edit: Callable[[list[bytes]], list[bytes]], create: bool,
+            gid: int | None = None) -> None:
+    """Read-modify-write of `target` under the sidecar lock, replaced atomically."""
+    lock_path = target.with_name(target.name + ".lock")
+    try:
+        lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise _os_error("cannot create the lock file", lock_path, exc) from None
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        lines = _read(target, missing_ok=create)
+        try:
+            current = os.stat(target) if lines is not None else None
+        except OSError as exc:
+            raise _os_error("cannot read", target, exc) from None
+        new_lines = edit(lines or [])
+        _write_atomically(target, b"".join(new_lines), current, gid)
+    finally:
+        os.close(lock_fd)  # releases the lock
+
+
+def _write_atomically(target: Path, data: bytes, current: os.stat_result | None, gid: int | None) -> None:
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        # 0600 from the first instant (umask can only take bits away); widened below only on purpose.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise _os_error("cannot write in the directory of", target, exc) from None
+    try:
+        try:
+            _set_owner_and_mode(fd, target, current, gid)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise _os_error("cannot write", target, exc) from None
+        raise
+    _fsync_dir(target.parent)
+
+
+def _set_owner_and_mode(fd: int, target: Path, current: os.stat_result | None, gid: int | None) -> None:
+    """A new file: 0600, ours. An existing file: its owner, group and mode. `gid` given: that group, 0640.
+
+    Refuses (PERMISSION_DENIED) rather than silently hand the file to another owner or group."""
+    uid = current.st_uid if current is not None else os.geteuid()
+    group = gid if gid is not None else current.st_gid if current is not None else os.getegid()
+    mode = 0o640 if gid is not None else stat.S_IMODE(current.st_mode) if current is not None else 0o600
+    if (uid, group) != (os.geteuid(), os.getegid()):
+        try:
+            os.fchown(fd, uid, group)
+        except PermissionError:
+            raise RunyardError(f"not allowed to give {target} owner id {uid} and group id {group} "
+                               "(run as its owner, in that group, or as root)", "PERMISSION_DENIED") from None
+    os.fchmod(fd, mode)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory; the rename itself has happened
+    finally:
+        os.close(fd)
+
+
+def _os_error(action: str, path: Path, exc: OSError) -> RunyardError:
+    code = {errno.EACCES: "PERMISSION_DENIED", errno.EPERM: "PERMISSION_DENIED",
+            errno.ENOENT: "RESOURCE_DOES_NOT_EXIST"}.get(exc.errno or 0, "INVALID_STATE")
+    return RunyardError(f"{action} {path}: {exc.strerror or exc}", code)
