@@ -29,6 +29,7 @@ access_log = logging.getLogger("runyard.access")
 log = logging.getLogger("runyard.server")
 
 _JSON_TYPES = ("application/json",)
+AUTH_CHECK = "/_runyard/auth"
 _BODY_METHODS = ("POST", "PUT")
 
 
@@ -138,8 +139,11 @@ class RunyardApp:
             response = errors.from_exception(exc)
         await response(scope, receive, send_with_status)
         elapsed_ms = (time.perf_counter() - started) * 1000
-        access_log.info("%s %s %d %.1fms rid=%s user=%s", request.method, template, status_box[0],
-                        elapsed_ms, request_id, user or "-")
+        # NGINX checks credentials before every request it forwards: log only the refusals of those
+        # checks, or each request would be logged twice.
+        level = logging.DEBUG if template == AUTH_CHECK and status_box[0] == 200 else logging.INFO
+        access_log.log(level, "%s %s %d %.1fms rid=%s user=%s", request.method, template, status_box[0],
+                       elapsed_ms, request_id, user or "-")
 
     async def dispatch(self, route: Route, request: Request, path_params: dict, user: str | None
                        ) -> Response:

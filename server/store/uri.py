@@ -115,8 +115,11 @@ def _use_wal(cur) -> None:
 
 def _sqlite_begin(conn) -> None:
     # Writers take the write lock up front (IMMEDIATE) so two writers never deadlock on a lock upgrade;
-    # readers use DEFERRED and, under WAL, never block writers.
-    conn.exec_driver_sql(f"BEGIN {conn.get_execution_options().get('sqlite_begin', 'DEFERRED')}")
+    # readers use DEFERRED and, under WAL, never block writers. An AUTOCOMMIT connection (one atomic
+    # statement) gets no BEGIN: nothing would ever commit it.
+    options = conn.get_execution_options()
+    if options.get("isolation_level") != "AUTOCOMMIT":
+        conn.exec_driver_sql(f"BEGIN {options.get('sqlite_begin', 'DEFERRED')}")
 
 
 def create_engine(uri: str, pool_size: int | None = None) -> sa.Engine:

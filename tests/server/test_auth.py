@@ -58,6 +58,8 @@ def test_revoked_token_stops_working_on_the_next_request(server_factory):
     revoked = run_cli("tokens", "revoke", "ci", "--backend-store-uri", server.backend_uri)
     assert revoked.returncode == 0, revoked.stderr
     assert _check(server, token).status_code == 401
+    # Refusals are logged; successful checks are not (NGINX makes one before every request).
+    assert "GET /_runyard/auth 401" in server.log() and "GET /_runyard/auth 200" not in server.log()
     again = run_cli("tokens", "revoke", "ci", "--backend-store-uri", server.backend_uri)
     assert again.returncode == 1 and "No token named 'ci'" in again.stderr
 
@@ -92,6 +94,10 @@ def test_only_a_keyed_hash_of_the_token_is_stored(server_factory, tmp_path):
 def test_token_listing_never_shows_tokens(server_factory):
     server = server_factory()
     token = _create_token(server.backend_uri, "--user", "bob", "--expires", "90d")
+    assert _check(server, token).status_code == 200
+    [row] = json.loads(run_cli("tokens", "list", "--json", "--backend-store-uri", server.backend_uri).stdout
+                       )["tokens"]
+    assert row["user"] == "bob" and row["last_used_time"] >= row["created_time"]
     for args in (("tokens", "list"), ("tokens", "list", "--json")):
         result = run_cli(*args, "--backend-store-uri", server.backend_uri)
         assert result.returncode == 0 and "bob" in result.stdout
