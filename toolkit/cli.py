@@ -119,7 +119,7 @@ def server(
         "TOKEN_PEPPER_FILE", "File holding the secret key bearer tokens are hashed with; give "
         "`runyard tokens` the same one.", show_default=False)] = None,
     htpasswd_file: Annotated[str | None, _option(
-        "HTPASSWD", "htpasswd file (bcrypt) of the users NGINX's basic auth lets in; see `runyard users`.",
+        "HTPASSWD", "htpasswd file (bcrypt) of the basic-auth users NGINX asks about; see `runyard users`.",
         decls=("--htpasswd",), show_default=False)] = None,
 ) -> None:
     """Run the tracking server.
@@ -438,7 +438,7 @@ def tokens_revoke(
 
 HtpasswdOpt = Annotated[str, typer.Option(
     "--htpasswd", envvar="RUNYARD_HTPASSWD", show_default=False,
-    help="The htpasswd file NGINX checks (also RUNYARD_HTPASSWD).")]
+    help="The htpasswd file `runyard server --htpasswd` checks (also RUNYARD_HTPASSWD).")]
 UserArg = Annotated[str, typer.Argument(help="The user name.", show_default=False)]
 PasswordStdinOpt = Annotated[bool, typer.Option(
     "--password-stdin", help="Read the password from the first line of stdin instead of prompting.")]
@@ -519,8 +519,6 @@ def nginx_render(
     auth: Annotated[AuthMode, typer.Option("--auth", help="How clients authenticate.", show_default=False)],
     output: Annotated[str, typer.Option("--output", "-o", help="The configuration file to write.",
                                         show_default=False)],
-    htpasswd_file: Annotated[str | None, typer.Option(
-        "--htpasswd", help="htpasswd file for basic auth (see `runyard users`).", show_default=False)] = None,
     tls_cert: Annotated[str | None, typer.Option("--tls-cert", help="TLS certificate (chain) file.",
                                                  show_default=False)] = None,
     tls_key: Annotated[str | None, typer.Option("--tls-key", help="TLS private key file.",
@@ -538,7 +536,7 @@ def nginx_render(
     state_dir: Annotated[str, typer.Option(
         "--state-dir", help="NGINX's pid file, temporary files and logs.")] = "/var/lib/runyard/nginx",
     worker_user: Annotated[str | None, typer.Option(
-        "--worker-user", help="The user NGINX's workers run as (must read the htpasswd file).",
+        "--worker-user", help="USER or USER:GROUP NGINX's workers run as (they write the state dir).",
         show_default=False)] = None,
     max_upload_size: Annotated[str, typer.Option(
         "--max-upload-size", help="Largest artifact upload, in NGINX size syntax (0: no limit).")] = "100g",
@@ -550,11 +548,14 @@ def nginx_render(
     no_check: Annotated[bool, typer.Option(
         "--no-check", help="Do not validate with `nginx -t` (when rendering for another host).")] = False,
 ) -> None:
-    """Write a complete NGINX configuration for runyard, validated with `nginx -t`."""
+    """Write a complete NGINX configuration for runyard, validated with `nginx -t`.
+
+    Credentials are checked by the servers (auth_request): run them with --trusted-proxies naming this
+    NGINX, and --htpasswd for basic auth."""
     from toolkit import nginx
 
     settings = _run(nginx.NginxSettings, upstreams=tuple(upstream), listen=listen, auth=auth.value,
-                    htpasswd=htpasswd_file, tls_cert=tls_cert, tls_key=tls_key, client_ca=client_ca,
+                    tls_cert=tls_cert, tls_key=tls_key, client_ca=client_ca,
                     static_prefix=static_prefix, insecure_no_auth=insecure_no_auth, server_name=server_name,
                     state_dir=state_dir, worker_user=worker_user, redirect_http=redirect_http,
                     max_upload_size=max_upload_size, login_rate=login_rate)
