@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(PY) -m bench $(BENCH_ARGS)
 	$(PY) -m bench.upgrades $(UPGRADE_BENCH_ARGS)
 	$(PY) -m bench.stores $(STORES_BENCH_ARGS)
+	$(PY) -m bench.auth $(AUTH_BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check server toolkit migrations tests bench

@@ -11,8 +11,8 @@ MLFLOW_VERSION = "3.17.2"
 # SQLAlchemy 2.1 (what mlflow 3.17.2 pulls in) maps a bare postgresql:// URI to psycopg 3, so both
 # drivers go in: the plain URI works, and psycopg2 serves anyone who spells postgresql+psycopg2://.
 # The artifact-store SDKs MLflow's own stores import, for the side-by-side store benchmark.
-PACKAGES = [f"mlflow=={MLFLOW_VERSION}", "psycopg2-binary", "psycopg[binary]", "boto3", "azure-storage-blob",
-            "azure-identity", "google-cloud-storage"]
+PACKAGES = [f"mlflow[auth]=={MLFLOW_VERSION}", "psycopg2-binary", "psycopg[binary]", "boto3",
+            "azure-storage-blob", "azure-identity", "google-cloud-storage"]
 
 
 def ensure(venv: Path) -> Path:
