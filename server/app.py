@@ -29,8 +29,9 @@ access_log = logging.getLogger("runyard.access")
 log = logging.getLogger("runyard.server")
 
 _JSON_TYPES = ("application/json",)
-AUTH_CHECK = "/_runyard/auth"
+QUIET_ROUTES = frozenset({"/_runyard/auth", "/health", "/ready", "/metrics"})
 _BODY_METHODS = ("POST", "PUT")
+UNMATCHED_ROUTE = "unmatched"  # the route label of requests no route serves
 
 
 def all_routes() -> list[Route]:
@@ -63,9 +64,13 @@ def build_context(config: ServerConfig) -> Context:
 class RunyardApp:
     def __init__(self, config: ServerConfig, context: Context | None = None):
         self.config = config
-        self.router = Router(all_routes())
+        # Prometheus or not is decided here, once: without it no request makes a metric call.
+        self.metrics = _prometheus(config)
+        self.router = Router(all_routes() + (self.metrics.routes() if self.metrics else []))
         self.prefix = config.static_prefix
         self.context = context
+        if context is not None:
+            self._attach_metrics()
         self.executor = ThreadPoolExecutor(max_workers=int(os.environ.get("RUNYARD_THREADS", "16")),
                                            thread_name_prefix="runyard")
         self.host_allowed = host_checker(config)
@@ -84,13 +89,18 @@ class RunyardApp:
                 try:
                     if self.context is None:
                         self.context = build_context(self.config)
+                        self._attach_metrics()
                 except Exception as exc:  # refuse to serve, with a message and no traceback
                     text = exc.message if isinstance(exc, RunyardError) else f"{type(exc).__name__}: {exc}"
                     log.error("cannot start: %s", text)
                     await send({"type": "lifespan.startup.failed", "message": text})
                     return
+                if self.metrics is not None:
+                    self.metrics.start()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if self.metrics is not None:
+                    self.metrics.stop()
                 self.executor.shutdown(wait=False, cancel_futures=True)
                 if self.context is not None and self.context.store is not None:
                     self.context.store.engine.dispose()
@@ -98,6 +108,12 @@ class RunyardApp:
                     await self.context.artifacts.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    def _attach_metrics(self) -> None:
+        if self.metrics is not None:
+            self.context.metrics = self.metrics
+            if self.context.store is not None:
+                self.metrics.watch_pool(self.context.store.engine)
 
     async def handle(self, scope, receive, send) -> None:
         started = time.perf_counter()
@@ -139,11 +155,14 @@ class RunyardApp:
             response = errors.from_exception(exc)
         await response(scope, receive, send_with_status)
         elapsed_ms = (time.perf_counter() - started) * 1000
-        # NGINX checks credentials before every request it forwards: log only the refusals of those
-        # checks, or each request would be logged twice.
-        level = logging.DEBUG if template == AUTH_CHECK and status_box[0] == 200 else logging.INFO
+        # NGINX checks credentials before every request it forwards, and probes poll: log only their
+        # failures, or the log would be mostly checks.
+        level = logging.DEBUG if template in QUIET_ROUTES and status_box[0] < 400 else logging.INFO
         access_log.log(level, "%s %s %d %.1fms rid=%s user=%s", request.method, template, status_box[0],
                        elapsed_ms, request_id, user or "-")
+        if self.metrics is not None:
+            self.metrics.observe_request(template if template != "-" else UNMATCHED_ROUTE, request.method,
+                                         status_box[0], elapsed_ms / 1000)
 
     async def dispatch(self, route: Route, request: Request, path_params: dict, user: str | None
                        ) -> Response:
@@ -237,6 +256,14 @@ def _hostname(host_header: str) -> str:
     if host_header.count(":") == 1:
         return host_header.rsplit(":", 1)[0]
     return host_header
+
+
+def _prometheus(config: ServerConfig):
+    if not config.expose_prometheus:
+        return None
+    from server.prometheus import PrometheusMetrics
+
+    return PrometheusMetrics(config.expose_prometheus)
 
 
 def create_app(config: ServerConfig | None = None) -> RunyardApp:

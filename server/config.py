@@ -28,6 +28,8 @@ class ServerConfig:
     trusted_proxies: tuple[str, ...] = field(default_factory=tuple)
     token_pepper_file: str | None = None  # the key bearer tokens are hashed with (runyard tokens)
     htpasswd_file: str | None = None  # basic-auth users checked for NGINX (runyard users)
+    # --expose-prometheus: the folder of prometheus-client's multiprocess files; GET /metrics when set.
+    expose_prometheus: str | None = None
 
     def __post_init__(self) -> None:
         prefix = self.static_prefix.rstrip("/")
@@ -41,6 +43,14 @@ class ServerConfig:
                 ipaddress.ip_network(proxy, strict=False)
             except ValueError:
                 raise ValueError(f"--trusted-proxies: {proxy!r} is not an address or network") from None
+        if self.expose_prometheus is not None:
+            if not self.expose_prometheus.strip():
+                raise ValueError("--expose-prometheus needs a folder")
+            # Absolute, so every worker process writes to the same folder whatever its working directory.
+            folder = os.path.abspath(os.path.expanduser(self.expose_prometheus))
+            if os.path.exists(folder) and not os.path.isdir(folder):
+                raise ValueError(f"--expose-prometheus {folder} is a file, not a folder")
+            object.__setattr__(self, "expose_prometheus", folder)
 
     @property
     def artifact_root(self) -> str:

@@ -18,3 +18,4 @@ class Context:
     artifacts: Any = None  # server.artifacts.base.ArtifactRepository when --serve-artifacts is on
     tokens: Any = None  # server.store.tokens.TokenStore
     passwords: Any = None  # server.passwords.PasswordFile with --htpasswd
+    metrics: Any = None  # server.prometheus.PrometheusMetrics with --expose-prometheus (not MLflow metrics)

@@ -42,6 +42,10 @@ def serve(config: ServerConfig) -> None:
         redact(config.backend_store_uri), redact(config.artifact_root), config.host, config.port,
         config.workers, "" if config.workers == 1 else "s")
     os.environ[CONFIG_ENV] = config.to_env()
+    if config.expose_prometheus:
+        from server.prometheus import prepare_directory
+
+        prepare_directory(config.expose_prometheus)  # before the workers start: they inherit its path
     uvicorn.run(
         "server.app:create_app",
         factory=True,

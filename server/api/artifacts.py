@@ -8,6 +8,7 @@ the store supports them; the stock client then falls back to a plain PUT / a pro
 
 from __future__ import annotations
 
+import inspect
 import mimetypes
 import posixpath
 import re
@@ -47,13 +48,17 @@ def _json(data: dict) -> Response:
 
 
 def _serving(handler: Callable[..., Awaitable[Response]]) -> Handler:
-    """Hands the handler the store, or answers 503 text when artifact serving is off."""
+    """Hands the handler the store, or answers 503 text when artifact serving is off. A handler with a
+    `prometheus` parameter (a transfer) also gets the metrics, None without --expose-prometheus."""
+    metered = "prometheus" in inspect.signature(handler).parameters
 
     @wraps(handler)
     async def guarded(request: Request, ctx: Context, **path_params) -> Response:
         repo = ctx.artifacts if ctx is not None else None
         if repo is None:
             return PlainTextResponse(DISABLED_MESSAGE, status_code=503)
+        if metered:
+            path_params["prometheus"] = ctx.metrics
         return await handler(request, repo, **path_params)
 
     return guarded
@@ -76,7 +81,8 @@ def _file_json(info: FileInfo) -> dict:
 
 
 @_serving
-async def download_artifact(request: Request, repo: ArtifactRepository, artifact_path: str) -> Response:
+async def download_artifact(request: Request, repo: ArtifactRepository, artifact_path: str,
+                            prometheus=None) -> Response:
     relative = safe_relative_path(artifact_path)
     name = posixpath.basename(relative)
     headers = {
@@ -98,18 +104,23 @@ async def download_artifact(request: Request, repo: ArtifactRepository, artifact
             stream = await repo.open_read(relative, start, end - start + 1)
             headers["content-range"] = f"bytes {start}-{start + stream.size - 1}/{stream.total_size}"
             headers["content-length"] = str(stream.size)
-            return StreamingResponse(_drain(stream), status_code=206, headers=headers)
+            return StreamingResponse(_drain(stream, prometheus), status_code=206, headers=headers)
     stream = await repo.open_read(relative)
     headers["content-length"] = str(stream.size)
-    return StreamingResponse(_drain(stream), headers=headers)
+    return StreamingResponse(_drain(stream, prometheus), headers=headers)
 
 
-async def _drain(stream):
+async def _drain(stream, prometheus=None):
+    tally = prometheus.tally("out") if prometheus is not None else None
     try:
         async for chunk in stream:
             yield chunk
+            if tally is not None:
+                tally.add(len(chunk))
     finally:
         await stream.aclose()
+        if tally is not None:
+            tally.close()
 
 
 async def _file_size(repo: ArtifactRepository, relative: str) -> int:
@@ -142,10 +153,12 @@ def _parse_range(header: str | None, size: int):
 
 
 @_serving
-async def upload_artifact(request: Request, repo: ArtifactRepository, artifact_path: str) -> Response:
+async def upload_artifact(request: Request, repo: ArtifactRepository, artifact_path: str,
+                          prometheus=None) -> Response:
     relative = safe_file_path(artifact_path)  # a trailing '/' names no file: 400, as MLflow does
+    body = request.stream() if prometheus is None else prometheus.count_in(request.stream())
     try:
-        await repo.write(relative, request.stream())
+        await repo.write(relative, body)
     except ClientDisconnect:
         # Nobody is left to read this answer; it keeps the log free of a stack trace.
         raise invalid("Upload aborted: the client disconnected before the body was complete.") from None

@@ -41,4 +41,4 @@ def _basic(credential: str) -> tuple[str, str]:
     return name, password
 
 
-ROUTES = [raw_route("GET", "/_runyard/auth", check, prefixed=False)]  # server.app.AUTH_CHECK
+ROUTES = [raw_route("GET", "/_runyard/auth", check, prefixed=False)]  # server.app.QUIET_ROUTES

@@ -118,8 +118,11 @@ def delete_tag(msg: Message, ctx) -> dict:
 
 
 def log_batch(msg: Message, ctx) -> dict:
-    ctx.store.log_batch(run_id_of(msg), metric_points(msg),
-                        _param_pairs(msg), msg.pairs("tags"))
+    run_id = run_id_of(msg)
+    points, params, tags = metric_points(msg), _param_pairs(msg), msg.pairs("tags")
+    ctx.store.log_batch(run_id, points, params, tags)
+    if ctx.metrics is not None:  # --expose-prometheus: the sizes of the batches written
+        ctx.metrics.observe_batch(len(points), len(params), len(tags))
     return {}
 
 

@@ -165,6 +165,12 @@ class ArtifactRepository(ABC):
     async def aclose(self) -> None:  # noqa: B027 - optional hook, most stores hold no connections
         """Release connections (FTP/SFTP sessions, HTTP pools). Local files hold none."""
 
+    def readiness_checks(self) -> dict[str, Callable[[], Awaitable[None]]]:
+        """Checks of this store's own for GET /ready, by name (e.g. "kerberos"), besides the write, read
+        and delete of a probe object that /ready does for every store. Each raises when failing, with a
+        message fit to show (no secrets). Most stores have none."""
+        return {}
+
     # -- optional capabilities (object stores) -----------------------------------------------------
 
     supports_multipart_upload: bool = False

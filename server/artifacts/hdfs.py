@@ -446,6 +446,16 @@ class HdfsArtifactRepository(ArtifactRepository):
                 return False
             raise
 
+    def readiness_checks(self):
+        return {"kerberos": self._kerberos_ready} if self.tickets else {}
+
+    async def _kerberos_ready(self) -> None:
+        """A ticket with lifetime left is held (obtained or renewed now when it runs low)."""
+        try:
+            await asyncio.to_thread(self.tickets.credentials)
+        except KerberosError as exc:
+            raise self._failure(exc) from None
+
     async def aclose(self) -> None:
         self._session.close()
         if self.tickets:

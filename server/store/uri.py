@@ -134,6 +134,15 @@ def create_engine(uri: str, pool_size: int | None = None) -> sa.Engine:
     # A database host that drops packets must fail start-up and requests, not hang them.
     networked = url.get_backend_name() in ("postgresql", "mysql", "mariadb")
     connect_args = {"connect_timeout": 10} if networked else {}
+    if url.get_backend_name() == "postgresql":
+        # ... nor hang a pooled connection whose host vanished mid-conversation: unacknowledged data
+        # fails the socket after 30 s (TCP_USER_TIMEOUT) instead of ~15 min of retransmissions, and
+        # keepalives find a dead peer while we wait for an answer. A long query is not cut short: the
+        # database's kernel acknowledges keepalives while it runs.
+        connect_args.update(keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3,
+                            tcp_user_timeout=30_000)
     # No pre-ping (a round trip per request): the store retries on a connection found dead instead.
+    # The first connection found dead invalidates the whole pool (SQLAlchemy's default), so after a
+    # database restart each request pays at most one retry and the pool refills by itself.
     return sa.create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800,
                             connect_args=connect_args)
