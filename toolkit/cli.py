@@ -121,6 +121,9 @@ def server(
     htpasswd_file: Annotated[str | None, _option(
         "HTPASSWD", "htpasswd file (bcrypt) of the basic-auth users NGINX asks about; see `runyard users`.",
         decls=("--htpasswd",), show_default=False)] = None,
+    expose_prometheus: Annotated[str | None, _option(
+        "EXPOSE_PROMETHEUS", "Serve Prometheus metrics at /metrics; the folder holds the workers' "
+        "metric files.", show_default=False)] = None,
 ) -> None:
     """Run the tracking server.
 
@@ -136,7 +139,8 @@ def server(
             artifacts_destination=artifacts_destination, serve_artifacts=serve_artifacts, host=host,
             port=port, workers=workers, static_prefix=static_prefix, allowed_hosts=_split(allowed_hosts),
             log_level=log_level.value, trusted_proxies=_split(trusted_proxies),
-            token_pepper_file=token_pepper_file, htpasswd_file=htpasswd_file)
+            token_pepper_file=token_pepper_file, htpasswd_file=htpasswd_file,
+            expose_prometheus=expose_prometheus)
     except ValueError as exc:
         _fail(str(exc), "INVALID_PARAMETER_VALUE", exit_code=2)
     # Checked once here, before any worker starts, so a mismatch is one clear message and exit code 1.
@@ -146,7 +150,7 @@ def server(
         from server.passwords import PasswordFile
 
         _run(PasswordFile, config.htpasswd_file)
-    serve(config)
+    _run(serve, config)
 
 
 UriArg = Annotated[str, typer.Argument(
@@ -593,6 +597,42 @@ def nginx_selfsigned(
     for role, path in written.items():
         out.print(f"{role:<12} {path}", markup=False)
 
+
+# ---- health -------------------------------------------------------------------------------------------
+
+@app.command()
+def health(
+    url: Annotated[str | None, typer.Argument(
+        help="The tracking URI, as clients use it (default: MLFLOW_TRACKING_URI).",
+        show_default=False)] = None,
+    write: Annotated[bool, typer.Option(
+        "--write", help="Also create, read back and delete a run in the experiment "
+                        "'runyard-health-probe'.")] = False,
+    watch: Annotated[float | None, typer.Option(
+        "--watch", min=0.1, help="Probe again every SECONDS until interrupted.", show_default=False)] = None,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds per request.")] = 10.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Probe a tracking server as a client sees it (through NGINX, with MLflow's MLFLOW_TRACKING_*
+    credentials): liveness, readiness, an API read, optionally a write. Exit code 0 ok, 1 degraded,
+    2 down."""
+    from toolkit import health as probes
+
+    def emit(report: dict) -> None:
+        if as_json:
+            sys.stdout.write(probes.to_json(report) + "\n")
+        else:
+            out.print(probes.format_report(report), markup=False)
+        sys.stdout.flush()
+
+    if watch is not None:
+        try:
+            raise typer.Exit(probes.watch(url or "", watch, write=write, emit=emit, timeout=timeout))
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+    report = probes.probe(url or "", write=write, timeout=timeout)
+    emit(report)
+    raise typer.Exit(probes.exit_code(report))
 
 if __name__ == "__main__":
     app(prog_name="runyard")

@@ -288,7 +288,7 @@ def _concrete(path: str) -> str:
 
 
 @pytest.mark.parametrize("prefix", ["", "/mlflow"])
-def test_every_route_requires_credentials_except_health(gateway, prefix):
+def test_every_route_requires_credentials_except_the_probes(gateway, prefix):
     gw = gateway("basic+token", prefix=prefix, login_rate="1000r/s")  # this test is all failed logins
     base = gw.url
     checked = 0
@@ -299,7 +299,7 @@ def test_every_route_requires_credentials_except_health(gateway, prefix):
                 answers = [requests.request(method, url, timeout=30, **extra) for extra in (
                     {}, {"auth": (USER, "wrong")}, {"headers": {"Authorization": "Bearer ryt_nope"}},
                     {"headers": {"X-Forwarded-User": USER}})]
-                if path == "/health":
+                if path in ("/health", "/ready"):  # probes
                     assert [a.status_code for a in answers] == [200] * 4
                     continue
                 if path.startswith("/_runyard/"):  # the server's internal endpoints: not even there

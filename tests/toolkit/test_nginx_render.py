@@ -319,14 +319,14 @@ def test_every_combination_renders_and_passes_nginx_check(material, tmp_path, au
     # Every proxied location sets every forwarded header itself (no reliance on inheritance).
     locations = dict(blocks(bare, "location"))
     proxied = [(header, body) for header, body in locations.items() if "proxy_pass" in body]
-    assert len(proxied) == 6 + (auth != "none")
+    assert len(proxied) == 7 + (auth != "none")
     for header, body in proxied:
         for name in ("Host $host", "X-Real-IP $remote_addr", "X-Forwarded-For $proxy_add_x_forwarded_for",
                      "X-Forwarded-Proto $scheme", "X-Request-ID $request_id", "X-Forwarded-User ",
                      'Connection ""'):
             assert f"proxy_set_header {name}" in body, (header, name)
         assert "proxy_pass http://runyard;" in body  # the path goes through unchanged
-        open_location = header in (f"= {prefix}/health", f"= {prefix}/_runyard/auth")
+        open_location = header in (f"= {prefix}/health", f"= {prefix}/ready", f"= {prefix}/_runyard/auth")
         protected = not open_location and auth != "none"
         # the user is the one the server's auth answer named, and only where that answer was asked for
         assert ('X-Forwarded-User "";' in body) == (not protected), header
@@ -568,9 +568,10 @@ def assert_denied(response: requests.Response, auth: str, what=None):
 
 def test_basic_auth(proxy, backend):
     p = proxy(auth="basic")
-    health = p.get("/health", **with_headers(basic(), X_Forwarded_User="mallory"))
-    assert health.status_code == 200 and health.json()["user"] is None  # open, and no user forwarded
-    assert p.get("/health").status_code == 200
+    for probe in ("/health", "/ready"):
+        answer = p.get(probe, **with_headers(basic(), X_Forwarded_User="mallory"))
+        assert answer.status_code == 200 and answer.json()["user"] is None  # open, and no user forwarded
+        assert p.get(probe).status_code == 200
     assert backend.auth_calls == []  # probes cost no credential check
     for path in ("/version", "/api/2.0/mlflow/experiments/search", "/ajax-api/2.0/mlflow/runs/get",
                  "/api/2.0/mlflow-artifacts/artifacts/a.txt", "/get-artifact", "/no/such/path", "/"):
