@@ -46,12 +46,15 @@ def build_context(config: ServerConfig) -> Context:
     from migrations.runner import ensure_schema
     from server.artifacts import repository_for
     from server.passwords import PasswordFile
+    from server.store.dbpassword import warn_if_exposed
     from server.store.logged_models import LoggedModelStore
     from server.store.tokens import TokenStore, load_pepper
     from server.store.tracking import TrackingStore
     from server.store.uri import create_engine
 
-    engine = create_engine(config.backend_store_uri)
+    if config.backend_store_password_file:
+        warn_if_exposed(config.backend_store_password_file)
+    engine = create_engine(config.backend_store_uri, password_file=config.backend_store_password_file)
     ensure_schema(engine, config.backend_store_uri)
     store = TrackingStore(engine, config.artifact_root)
     store.ensure_default_experiment()

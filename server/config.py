@@ -30,6 +30,9 @@ class ServerConfig:
     htpasswd_file: str | None = None  # basic-auth users checked for NGINX (runyard users)
     # --expose-prometheus: the folder of prometheus-client's multiprocess files; GET /metrics when set.
     expose_prometheus: str | None = None
+    # --backend-store-password-file: the database password, read for every new connection and watched
+    # for changes (server/store/dbpassword.py); the URI then holds none.
+    backend_store_password_file: str | None = None
 
     def __post_init__(self) -> None:
         prefix = self.static_prefix.rstrip("/")
@@ -51,6 +54,15 @@ class ServerConfig:
             if os.path.exists(folder) and not os.path.isdir(folder):
                 raise ValueError(f"--expose-prometheus {folder} is a file, not a folder")
             object.__setattr__(self, "expose_prometheus", folder)
+        if self.backend_store_password_file is not None:
+            from server.errors import RunyardError
+            from server.store.dbpassword import check_password_file
+
+            try:  # absolute, so every worker process reads the same file whatever its working directory
+                path = check_password_file(self.backend_store_uri, self.backend_store_password_file)
+            except RunyardError as exc:
+                raise ValueError(exc.message) from None
+            object.__setattr__(self, "backend_store_password_file", path)
 
     @property
     def artifact_root(self) -> str:

@@ -45,6 +45,9 @@ app.add_typer(users_app, name="users")
 nginx_app = typer.Typer(help="NGINX in front of the server: configuration, checks, development certificates.",
                         no_args_is_help=True)
 app.add_typer(nginx_app, name="nginx")
+rotate_app = typer.Typer(help="Replace a credential without downtime: each rotation is verified, and undone "
+                              "if it fails.", no_args_is_help=True)
+app.add_typer(rotate_app, name="rotate")
 
 out = Console(soft_wrap=True, highlight=False)
 err = Console(stderr=True, soft_wrap=True, highlight=False)  # soft_wrap: a message stays on one line
@@ -93,6 +96,9 @@ def server(
     backend_store_uri: Annotated[str, _option(
         "BACKEND_STORE_URI", "A folder (embedded SQLite inside it) or a database URI: postgresql://, "
         "mysql://, mssql://.")] = "./mlruns",
+    backend_store_password_file: Annotated[str | None, _option(
+        "BACKEND_STORE_PASSWORD_FILE", "File holding the database password (not in the URI); re-read for "
+        "new connections, so it can be rotated without a restart.", show_default=False)] = None,
     default_artifact_root: Annotated[str | None, _option(
         "DEFAULT_ARTIFACT_ROOT", "Artifact root for new experiments (default: mlflow-artifacts:/ when "
         "serving artifacts, else the destination).", show_default=False)] = None,
@@ -135,7 +141,8 @@ def server(
 
     try:
         config = ServerConfig(
-            backend_store_uri=backend_store_uri, default_artifact_root=default_artifact_root,
+            backend_store_uri=backend_store_uri, backend_store_password_file=backend_store_password_file,
+            default_artifact_root=default_artifact_root,
             artifacts_destination=artifacts_destination, serve_artifacts=serve_artifacts, host=host,
             port=port, workers=workers, static_prefix=static_prefix, allowed_hosts=_split(allowed_hosts),
             log_level=log_level.value, trusted_proxies=_split(trusted_proxies),
@@ -144,7 +151,7 @@ def server(
     except ValueError as exc:
         _fail(str(exc), "INVALID_PARAMETER_VALUE", exit_code=2)
     # Checked once here, before any worker starts, so a mismatch is one clear message and exit code 1.
-    _run(db.ensure_ready, config.backend_store_uri)
+    _run(db.ensure_ready, config.backend_store_uri, config.backend_store_password_file)
     _run(load_pepper, config.token_pepper_file)
     if config.htpasswd_file:
         from server.passwords import PasswordFile
@@ -193,6 +200,10 @@ class _StageLines(db.Progress):
     def waiting(self) -> None:
         self.stage("Waiting: another runyard process holds the migration lock")
 
+    def countdown(self, total_s: float):
+        self.stage(f"Waiting {total_s:g} s: old and new credentials both work meanwhile")
+        return None
+
 
 class _StageBars(_StageLines):
     """Progress drawn live on a terminal: a spinner per step, a bar over the revisions."""
@@ -214,6 +225,11 @@ class _StageBars(_StageLines):
         self._finish()
         self._task = self._progress.add_task(f"Applying {len(pending)} revision(s)", total=len(pending))
         return lambda revision: self._progress.advance(self._task)
+
+    def countdown(self, total_s: float):
+        self._finish()
+        self._task = self._progress.add_task(f"Overlap: old and new both work ({total_s:g} s)", total=total_s)
+        return lambda elapsed: self._progress.update(self._task, completed=elapsed)
 
     def close(self) -> None:
         self._finish()
@@ -633,6 +649,157 @@ def health(
     report = probes.probe(url or "", write=write, timeout=timeout)
     emit(report)
     raise typer.Exit(probes.exit_code(report))
+
+# ---- rotate -------------------------------------------------------------------------------------------
+
+SecretOpt = Annotated[str, typer.Option(
+    "--secret", help="Where the servers read the credential: a file (0600), file:///path or "
+                     "aws-sm://secret-id.", show_default=False)]
+ReadyUrlOpt = Annotated[list[str] | None, typer.Option(
+    "--ready-url", help="A server to check through /ready after the change (repeat for each).",
+    show_default=False)]
+
+
+def _print_rotation(report: dict, as_json: bool) -> None:
+    if as_json:
+        return _print_json(report)
+    for key, value in report.items():
+        out.print(f"{key:<18} {value}", markup=False)
+
+
+@rotate_app.command("db-password")
+def rotate_db_password(
+    uri: Annotated[str, typer.Argument(help="The backend store URI, without a password.",
+                                       show_default=False)],
+    secret: SecretOpt,
+    ready_url: ReadyUrlOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A new password for the URI's database user: into the secret the servers read, then into the
+    database; verified (new works, old refused, servers ready) and undone on failure."""
+    from toolkit.rotation import database
+
+    with _progress() as progress:
+        report = _run(database.rotate_db_password, uri, secret, ready_urls=ready_url or (),
+                      progress=progress, as_json=as_json)
+    _print_rotation(report, as_json)
+
+
+@rotate_app.command("s3-keys")
+def rotate_s3_keys(
+    user: Annotated[str, typer.Argument(help="The IAM user the servers sign S3 requests as.",
+                                        show_default=False)],
+    secret: SecretOpt,
+    ready_url: ReadyUrlOpt = None,
+    grace: Annotated[float, typer.Option(
+        "--grace", min=0, help="Seconds between handing out the new key and deactivating the old.")] = 5.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """New IAM access key for the servers (RUNYARD_S3_CREDENTIALS_FILE), old one deactivated, checked, then
+    deleted. Uses your own AWS credentials (AWS_PROFILE, AWS_* variables) for IAM."""
+    from toolkit.rotation import s3
+
+    with _progress() as progress:
+        report = _run(s3.rotate_s3_keys, user, secret, ready_urls=ready_url or (), grace_s=grace,
+                      progress=progress, as_json=as_json)
+    _print_rotation(report, as_json)
+
+
+OverlapOpt = Annotated[str, typer.Option(
+    "--overlap", help="How long the old credential keeps working after the new one is handed out: 90s, "
+                      "10m, 1h, or 0.", show_default=True)]
+ToOpt = Annotated[str | None, typer.Option(
+    "--to", help="Write the new credential here (a file, file:///path or aws-sm://id) instead of printing "
+                 "it once.", show_default=False)]
+CheckUrlOpt = Annotated[str | None, typer.Option(
+    "--check-url", help="Tracking URI (through NGINX) to prove the new credential works before the old "
+                        "one goes.", show_default=False)]
+
+
+def _hand_out(report: dict, key: str, as_json: bool) -> None:
+    """A new secret the caller did not send anywhere is printed once, alone on stdout."""
+    value = report.pop(key, None)
+    if value is not None:
+        if as_json:
+            _fail("--json would put the new credential into the JSON: give --to", "INVALID_PARAMETER_VALUE",
+                  as_json)
+        sys.stdout.write(value + "\n")
+        for name, item in report.items():
+            err.print(f"{name:<18} {item}", markup=False)
+        return
+    _print_rotation(report, as_json)
+
+
+@rotate_app.command("token")
+def rotate_token(
+    name: Annotated[str, typer.Argument(help="The token (or the base name of its family).",
+                                        show_default=False)],
+    overlap: OverlapOpt = "1h",
+    to: ToOpt = None,
+    expires: Annotated[str | None, typer.Option(
+        "--expires", help="The new token's lifetime (default: the old one's).", show_default=False)] = None,
+    check_url: CheckUrlOpt = None,
+    uri: StoreOpt = "./mlruns",
+    pepper_file: PepperOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A successor token for the same user; the old one expires after --overlap."""
+    from toolkit.rotation import credentials
+
+    overlap_s = _run(credentials.parse_overlap, overlap, as_json=as_json)
+    with _progress() as progress:
+        report = _run(credentials.rotate_token, uri, name, overlap_s, to=to, expires=expires,
+                      pepper_file=pepper_file, check_url=check_url, progress=progress, as_json=as_json)
+    _hand_out(report, "token", as_json)
+
+
+@rotate_app.command("htpasswd")
+def rotate_htpasswd(
+    user: UserArg,
+    htpasswd_file: HtpasswdOpt,
+    overlap: OverlapOpt = "10m",
+    to: ToOpt = None,
+    password_stdin: Annotated[bool, typer.Option(
+        "--password-stdin", help="Take the new password from stdin instead of generating one.")] = False,
+    check_url: CheckUrlOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A new password for USER next to the old one; after --overlap (this command waits) the old goes."""
+    from toolkit.rotation import credentials
+
+    overlap_s = _run(credentials.parse_overlap, overlap, as_json=as_json)
+    password = sys.stdin.readline().rstrip("\r\n") if password_stdin else None
+    with _progress() as progress:
+        report = _run(credentials.rotate_password, htpasswd_file, user, overlap_s, to=to, password=password,
+                      check_url=check_url, progress=progress, as_json=as_json)
+    _hand_out(report, "password", as_json)
+
+
+@rotate_app.command("tls")
+def rotate_tls(
+    cert: Annotated[str, typer.Option("--cert", help="The new certificate (chain).", show_default=False)],
+    key: Annotated[str, typer.Option("--key", help="The new private key.", show_default=False)],
+    installed_cert: Annotated[str, typer.Option(
+        "--installed-cert", help="The certificate file NGINX serves (its ssl_certificate).",
+        show_default=False)],
+    installed_key: Annotated[str, typer.Option(
+        "--installed-key", help="The key file NGINX uses (its ssl_certificate_key).", show_default=False)],
+    nginx_pid: Annotated[str, typer.Option("--nginx-pid", help="NGINX's pid file.", show_default=False)],
+    nginx_conf: Annotated[str | None, typer.Option(
+        "--nginx-conf", help="NGINX's configuration (default: what the running master was started with).",
+        show_default=False)] = None,
+    check_url: Annotated[str | None, typer.Option(
+        "--check-url", help="An https:// URL whose handshake must show the new certificate.",
+        show_default=False)] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Install a new certificate and key, reload NGINX gracefully, check the handshake; undone on failure."""
+    from toolkit.rotation import tls
+
+    with _progress() as progress:
+        report = _run(tls.rotate_tls, cert, key, installed_cert, installed_key, nginx_pid,
+                      nginx_conf=nginx_conf, check_url=check_url, progress=progress, as_json=as_json)
+    _print_rotation(report, as_json)
 
 if __name__ == "__main__":
     app(prog_name="runyard")

@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from migrations import locks, marker, runner
 from migrations.marker import Operation
 from server.errors import RunyardError
+from server.store.dbpassword import password_file_from_env, secrets_of, watched
 from server.store.uri import (
     EMBEDDED_DB_NAME,
     create_engine,
@@ -54,29 +55,51 @@ class Progress:
 SILENT = Progress()
 
 
-def _reason(exc: BaseException, password: str | None) -> str:
-    """The driver's own words, on one line, with the password scrubbed should a driver echo it."""
+def _reason(exc: BaseException, *passwords: str | None) -> str:
+    """The driver's own words, on one line, with the passwords scrubbed should a driver echo one."""
     text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
-    return text.replace(password, "***") if password else text
+    for password in passwords:
+        text = text.replace(password, "***") if password else text
+    return text
 
 
-def _password(uri: str) -> str | None:
+def _passwords(uri: str) -> tuple[str, ...]:
+    """The URI's password, or those of RUNYARD_BACKEND_STORE_PASSWORD_FILE: what a message must not hold."""
     try:
-        return sa.engine.make_url(uri).password if embedded_folder(uri) is None else None
+        url = sa.engine.make_url(uri) if embedded_folder(uri) is None else None
     except (sa.exc.ArgumentError, ValueError):
-        return None
+        return ()
+    if url is None:
+        return ()
+    if url.password is not None:
+        return (str(url.password),)
+    path = password_file_from_env(url)
+    return watched(path).secrets() if path else ()
+
+
+def _password_file(uri: str, password_file: str | None) -> str | None:
+    """The password file given, else RUNYARD_BACKEND_STORE_PASSWORD_FILE for a database server URI
+    without a password (as `runyard server` reads it)."""
+    if password_file is not None or embedded_folder(uri) is not None:
+        return password_file
+    try:
+        return password_file_from_env(sqlalchemy_url(uri))
+    except RunyardError:
+        return None  # create_engine says what is wrong with the URI
 
 
 @contextmanager
-def engine_for(uri: str) -> Iterator[sa.Engine]:
+def engine_for(uri: str, password_file: str | None = None) -> Iterator[sa.Engine]:
     """An engine for one operation, disposed afterwards; failures to reach the database are
-    turned into RunyardError naming the (redacted) URI."""
+    turned into RunyardError naming the (redacted) URI. `password_file`: as the server's
+    --backend-store-password-file (default: RUNYARD_BACKEND_STORE_PASSWORD_FILE)."""
     engine = None
     try:
-        engine = create_engine(uri, pool_size=2)
+        engine = create_engine(uri, pool_size=2, password_file=_password_file(uri, password_file))
         yield engine
     except sa.exc.DBAPIError as exc:
-        raise RunyardError(f"Cannot use database {redact(uri)}: {_reason(exc.orig, _password(uri))}",
+        secrets = secrets_of(engine) if engine is not None else _passwords(uri)
+        raise RunyardError(f"Cannot use database {redact(uri)}: {_reason(exc.orig, *secrets)}",
                            "INVALID_STATE") from None
     except ModuleNotFoundError as exc:
         extra = DRIVER_EXTRAS.get(exc.name or "")
@@ -130,9 +153,10 @@ def current(uri: str) -> dict:
         return _report(uri, runner.schema_state(engine))
 
 
-def ensure_ready(uri: str) -> None:
-    """What a starting server needs: an empty database is initialised, a mismatched one refused."""
-    with engine_for(uri) as engine:
+def ensure_ready(uri: str, password_file: str | None = None) -> None:
+    """What a starting server needs: an empty database is initialised, a mismatched one refused.
+    `password_file`: the server's --backend-store-password-file."""
+    with engine_for(uri, password_file) as engine:
         runner.ensure_schema(engine, uri)
 
 
@@ -277,8 +301,9 @@ def verify(location: str, using: str | None = None, progress: Progress = SILENT)
                 progress.stage("Comparing with the manifest")
                 actual = _stats(scratch)
         except sa.exc.DBAPIError as exc:
-            raise RunyardError(f"Cannot verify on {server.render_as_string(hide_password=True)}: "
-                               f"{_reason(exc.orig, server.password)}", "INVALID_STATE") from None
+            reason = _reason(exc.orig, server.password, dumps.tool_password(server))
+            raise RunyardError(f"Cannot verify on {server.render_as_string(hide_password=True)}: {reason}",
+                               "INVALID_STATE") from None
         _compare(manifest, actual, f"Backup {shown}, restored,")
     return {"backup": shown, "verified": True, "revision": manifest["revision"],
             "tables": {table: stats["rows"] for table, stats in manifest["tables"].items()},
@@ -419,7 +444,7 @@ def _failure(exc: BaseException, uri: str) -> str:
         return exc.message
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
-    return _reason(exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc, _password(uri))
+    return _reason(exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc, *_passwords(uri))
 
 
 def _undo(engine: sa.Engine, uri: str, before: runner.SchemaState, backup_location: str | None,

@@ -31,6 +31,8 @@ import sqlalchemy as sa
 
 from migrations import marker
 from server.errors import RunyardError
+from server.store.dbpassword import password_file_from_env
+from server.store.dbpassword import tool_password as _tool_password
 from server.store.uri import create_engine, without_password
 from toolkit import contents
 
@@ -82,7 +84,15 @@ def _private_file(text: str) -> Iterator[str]:
 
 
 def engine_for(url: sa.URL) -> sa.Engine:
-    return create_engine(url.render_as_string(hide_password=False), pool_size=2)
+    """An engine for `url`; without a password in it, RUNYARD_BACKEND_STORE_PASSWORD_FILE's."""
+    return create_engine(url.render_as_string(hide_password=False), pool_size=2,
+                         password_file=password_file_from_env(url))
+
+
+def tool_password(url: sa.URL, engine: sa.Engine | None = None) -> str | None:
+    """The password a tool gets for `url`: the URL's, else the password file's (`engine`'s, else
+    RUNYARD_BACKEND_STORE_PASSWORD_FILE's): the one that last worked, else the file's content."""
+    return _tool_password(url, engine)
 
 
 # ---- SQLite -----------------------------------------------------------------------------------------
@@ -141,20 +151,20 @@ def _pg_conninfo(url: sa.URL) -> str:
 
 
 @contextmanager
-def _pg_env(url: sa.URL) -> Iterator[dict]:
+def _pg_env(password: str | None) -> Iterator[dict]:
     env = {**os.environ, "PGCONNECT_TIMEOUT": "10"}
     env.pop("PGPASSWORD", None)
-    if url.password is None:
+    if password is None:
         yield env
         return
-    escaped = str(url.password).replace("\\", "\\\\").replace(":", "\\:")
+    escaped = str(password).replace("\\", "\\\\").replace(":", "\\:")
     with _private_file(f"*:*:*:*:{escaped}\n") as passfile:
         yield {**env, "PGPASSFILE": passfile}
 
 
 def postgres_dump(engine: sa.Engine, url: sa.URL, target: Path) -> Dumped:
     pg_dump = _pg_tool("pg_dump")
-    with engine.connect() as conn, _pg_env(url) as env:
+    with engine.connect() as conn, _pg_env(password := tool_password(url, engine)) as env:
         conn = conn.execution_options(isolation_level="REPEATABLE READ")
         with conn.begin():
             snapshot = conn.execute(sa.text("SELECT pg_export_snapshot()")).scalar_one()
@@ -168,7 +178,7 @@ def postgres_dump(engine: sa.Engine, url: sa.URL, target: Path) -> Dumped:
             finally:
                 _, stderr = proc.communicate()
             if proc.returncode != 0:
-                raise _fail("pg_dump", stderr, url.password)
+                raise _fail("pg_dump", stderr, password)
     return Dumped(tables, {"pg_dump": _first_line([pg_dump]), "server": f"PostgreSQL {server}",
                            "schema": schema})
 
@@ -177,7 +187,8 @@ def postgres_restore(url: sa.URL, source: Path, schema: str) -> None:
     """Replaces `schema` with the backup's in one transaction: a failure anywhere changes nothing."""
     quoted = '"' + schema.replace('"', '""') + '"'
     pg_restore, psql = _pg_tool("pg_restore"), _pg_tool("psql")
-    with _pg_env(url) as env:
+    password = tool_password(url)
+    with _pg_env(password) as env:
         psql_proc = subprocess.Popen(
             [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", f"--dbname={_pg_conninfo(url)}"],
             env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -201,9 +212,9 @@ def postgres_restore(url: sa.URL, source: Path, schema: str) -> None:
             restore_proc.wait()
             psql_proc.wait()
         if restore_proc.returncode != 0:
-            raise _fail("pg_restore", errors.text(), url.password)
+            raise _fail("pg_restore", errors.text(), password)
         if psql_proc.returncode != 0:
-            raise _fail("psql", psql_errors.text(), url.password)
+            raise _fail("psql", psql_errors.text(), password)
 
 
 # ---- MySQL / MariaDB --------------------------------------------------------------------------------
@@ -221,20 +232,20 @@ def _option_value(value) -> str:
 
 
 @contextmanager
-def _my_options(url: sa.URL) -> Iterator[str]:
+def _my_options(url: sa.URL, password: str | None) -> Iterator[str]:
     lines = ["[client]", f"user={_option_value(url.username or 'root')}",
              f"host={_option_value(url.host or 'localhost')}", "default-character-set=utf8mb4"]
     if url.port:
         lines.append(f"port={int(url.port)}")
-    if url.password is not None:
-        lines.append(f"password={_option_value(url.password)}")
+    if password is not None:
+        lines.append(f"password={_option_value(password)}")
     with _private_file("\n".join(lines) + "\n") as path:
         yield path
 
 
 def mysql_dump(engine: sa.Engine, url: sa.URL, target: Path) -> Dumped:
     dump = _my_tool("mariadb-dump", "mysqldump")
-    with engine.connect() as conn, _my_options(url) as options:
+    with engine.connect() as conn, _my_options(url, password := tool_password(url, engine)) as options:
         server = conn.execute(sa.text("SELECT VERSION()")).scalar_one()
         quote = conn.dialect.identifier_preparer.quote
         tables = contents.table_names(conn)
@@ -257,18 +268,19 @@ def mysql_dump(engine: sa.Engine, url: sa.URL, target: Path) -> Dumped:
         proc.wait()
         progress.done.wait()
         if proc.returncode != 0:
-            raise _fail(Path(dump).name, progress.text(), url.password)
+            raise _fail(Path(dump).name, progress.text(), password)
     return Dumped(stats, {Path(dump).name: _first_line([dump]), "server": server})
 
 
 def mysql_load(url: sa.URL, source: Path) -> None:
     """Loads the dump into the (empty) database `url` names."""
     client = _my_tool("mariadb", "mysql")
-    with _my_options(url) as options, open(source, "rb") as dump:
+    password = tool_password(url)
+    with _my_options(url, password) as options, open(source, "rb") as dump:
         done = subprocess.run([client, f"--defaults-extra-file={options}", "--binary-mode", url.database],
                               stdin=dump, capture_output=True)
     if done.returncode != 0:
-        raise _fail(Path(client).name, done.stderr, url.password)
+        raise _fail(Path(client).name, done.stderr, password)
 
 
 def mysql_restore(url: sa.URL, source: Path, check: Callable[[sa.URL], None] | None = None) -> None:

@@ -25,6 +25,7 @@ from starlette.responses import PlainTextResponse, Response
 
 from server.api.routing import json_route, raw_route
 from server.errors import RunyardError
+from server.store.dbpassword import secrets_of
 
 try:
     RUNYARD_VERSION = version("runyard")
@@ -65,14 +66,15 @@ class Readiness:
         return checks
 
     async def run(self, ctx) -> dict[str, dict]:
-        password = getattr(getattr(ctx.store, "engine", None), "url", None)
-        password = password.password if password is not None else None
+        engine = getattr(ctx.store, "engine", None)
+        passwords = secrets_of(engine) if engine is not None else ()  # the URI's or the password file's
         checks = self.checks(ctx)
-        results = await asyncio.gather(*(self._timed((id(ctx), name), check, password)
+        results = await asyncio.gather(*(self._timed((id(ctx), name), check, passwords)
                                          for name, check in checks.items()))
         return dict(zip(checks, results, strict=True))
 
-    async def _timed(self, key: tuple, check: Callable[[], Awaitable[None]], password: str | None) -> dict:
+    async def _timed(self, key: tuple, check: Callable[[], Awaitable[None]], passwords: tuple[str, ...]
+                     ) -> dict:
         started = time.perf_counter()
         task = self._inflight.get(key)
         if task is None or task.done():
@@ -85,7 +87,7 @@ class Readiness:
         except TimeoutError:
             reason = f"no answer within {CHECK_TIMEOUT_S:g} s"
         except Exception as exc:  # noqa: BLE001 - a broken check is a failed check, never a 500
-            reason = _reason(exc, password)
+            reason = _reason(exc, *passwords)
         result = {"ok": reason is None, "ms": round((time.perf_counter() - started) * 1000, 1)}
         if reason is not None:
             result["reason"] = reason
@@ -128,13 +130,13 @@ class Readiness:
             except Exception:  # noqa: BLE001 - the first failure is the one worth reporting
                 pass
             if isinstance(exc, Exception) and not isinstance(exc, RunyardError):  # name the store
-                raise RunyardError(f"artifact store {repo.description}: {_reason(exc, None)}") from None
+                raise RunyardError(f"artifact store {repo.description}: {_reason(exc)}") from None
             raise
         await repo.delete(name)
 
 
-def _reason(exc: BaseException, password: str | None) -> str:
-    """One short line: the error's own text without SQL, file names, URI credentials or the password."""
+def _reason(exc: BaseException, *passwords: str | None) -> str:
+    """One short line: the error's own text without SQL, file names, URI credentials or the passwords."""
     if isinstance(exc, RunyardError):
         text = exc.message
     elif isinstance(exc, sa.exc.DBAPIError) and exc.orig is not None:
@@ -145,8 +147,9 @@ def _reason(exc: BaseException, password: str | None) -> str:
         text = f"{type(exc).__name__}: {exc}"
     text = (text.strip().splitlines() or [type(exc).__name__])[0]
     text = _URI_CREDENTIALS.sub("//***@", text)
-    if password and len(password) >= 4:  # masking a one-letter password would garble every word
-        text = text.replace(password, "***")
+    for password in passwords:
+        if password and len(password) >= 4:  # masking a one-letter password would garble every word
+            text = text.replace(password, "***")
     return text[:_REASON_MAX]
 
 

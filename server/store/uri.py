@@ -19,6 +19,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 
 from server.errors import RunyardError
+from server.store import dbpassword
 
 EMBEDDED_DB_NAME = "runyard.db"
 DEFAULT_DRIVERS = {"postgresql": "psycopg", "mysql": "pymysql", "mariadb": "pymysql", "mssql": "pymssql"}
@@ -122,9 +123,13 @@ def _sqlite_begin(conn) -> None:
         conn.exec_driver_sql(f"BEGIN {options.get('sqlite_begin', 'DEFERRED')}")
 
 
-def create_engine(uri: str, pool_size: int | None = None) -> sa.Engine:
+def create_engine(uri: str, pool_size: int | None = None, password_file: str | None = None) -> sa.Engine:
+    """`password_file`: every new connection takes the password from this file, watched for changes
+    (server/store/dbpassword.py); the URI must then hold none."""
     url = sqlalchemy_url(uri)
     pool_size = pool_size or int(os.environ.get("RUNYARD_DB_POOL_SIZE", "10"))
+    if password_file is not None:
+        password_file = dbpassword.check_password_file(uri, password_file)
     if url.get_backend_name() == "sqlite":
         engine = sa.create_engine(url, pool_size=pool_size, max_overflow=pool_size,
                                   connect_args={"timeout": 30, "check_same_thread": False})
@@ -144,5 +149,8 @@ def create_engine(uri: str, pool_size: int | None = None) -> sa.Engine:
     # No pre-ping (a round trip per request): the store retries on a connection found dead instead.
     # The first connection found dead invalidates the whole pool (SQLAlchemy's default), so after a
     # database restart each request pays at most one retry and the pool refills by itself.
-    return sa.create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800,
-                            connect_args=connect_args)
+    engine = sa.create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800,
+                              connect_args=connect_args)
+    if password_file is not None:
+        dbpassword.attach(engine, url, password_file)
+    return engine
