@@ -5,6 +5,10 @@ loop, so a proper bcrypt cost (a quarter of a second) would stall every connecti
 the hash runs on a worker thread, once per credential: a success is remembered (under a keyed digest,
 never the password) until the file changes or the entry ages out. Editing the file (`runyard users …`)
 replaces it, so a changed or removed password stops working on the next request, without a reload.
+
+A user may have several bcrypt lines and any one of them lets the user in: that is how `runyard rotate
+htpasswd` keeps the old and the new password working during the overlap. (NGINX's own auth_basic would
+consult the first line only; nothing in Runyard relies on that.)
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ class PasswordFile:
         self.path = path
         self._lock = threading.Lock()
         self._signature: tuple | None = None
-        self._hashes: dict[str, bytes] = {}
+        self._hashes: dict[str, list[bytes]] = {}
         self._remembered: dict[bytes, float] = {}
         self._key = secrets.token_bytes(32)
         self._load()
@@ -45,13 +49,14 @@ class PasswordFile:
                 content = f.read()
         except OSError as exc:
             raise invalid(f"Cannot read the htpasswd file {self.path}: {exc.strerror}") from None
-        hashes, skipped = {}, 0
+        hashes: dict[str, list[bytes]] = {}
+        skipped = 0
         for line in content.splitlines():
             name, sep, hashed = line.strip().partition(b":")
             if not sep or name.startswith(b"#"):
                 continue
             if hashed.startswith(_BCRYPT):
-                hashes.setdefault(name.decode("utf-8", "replace"), hashed)  # first entry wins, as in NGINX
+                hashes.setdefault(name.decode("utf-8", "replace"), []).append(hashed)  # any one may match
             else:
                 skipped += 1
         if skipped:
@@ -81,13 +86,13 @@ class PasswordFile:
         expiry = remembered.get(digest)
         if expiry is not None and expiry > time.monotonic():
             return True
-        hashed = hashes.get(user)
+        candidates = hashes.get(user)
         secret = password.encode()
-        if hashed is None or len(secret) > 72:
+        if not candidates or len(secret) > 72:
             # An unknown user costs a hash of the same cost too: response times do not tell which exist.
-            _matches(b"", next(iter(hashes.values()), b""))
+            _matches(b"", next(iter(hashes.values()), [b""])[0])
             return False
-        if not _matches(secret, hashed):
+        if not any(_matches(secret, hashed) for hashed in candidates):
             return False
         if len(remembered) >= MAX_REMEMBERED:
             remembered.clear()

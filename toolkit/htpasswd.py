@@ -1,9 +1,12 @@
 """The htpasswd file of basic-auth users (`runyard server --htpasswd`, checked for NGINX's auth_request by
 `server/passwords.py`): add, re-password, remove and list users.
 
-One `name:hash` line per user. New hashes are bcrypt written as `$2y$` (what Apache's `htpasswd -B` writes,
-so the file also works with NGINX's own auth_basic). Every other line (comments, blank lines, other users,
-other hash formats such as `$apr1$` or `{SHA}`) is kept byte for byte.
+One `name:hash` line per user, except during a password rotation (`runyard rotate htpasswd`, through
+`add_password` and `remove_hashes`): then a user has a line per password, and any of them lets the user
+in (`server/passwords.py`, and `verify` here). New hashes are bcrypt written as `$2y$` (what Apache's
+`htpasswd -B` writes, so the file also works with NGINX's own auth_basic, which consults a user's first
+line only). Every other line (comments, blank lines, other users, other hash formats such as `$apr1$` or
+`{SHA}`) is kept byte for byte.
 
 Edits are read-modify-write under an exclusive `flock` on `<file>.lock` (so concurrent edits never lose
 an update), and the new content is written to a temporary file in the same directory, fsynced and renamed
@@ -69,8 +72,8 @@ def add_user(path: str | os.PathLike[str], name: str, password: str, group: str 
 def set_password(path: str | os.PathLike[str], name: str, password: str) -> None:
     """Replaces the hash of an existing user (RESOURCE_DOES_NOT_EXIST when absent).
 
-    Should the file hold the user more than once (a hand edit), the first line is rewritten and the later
-    ones, which NGINX would never consult, are dropped.
+    Should the file hold the user more than once (a rotation in progress, a hand edit), the first line is
+    rewritten and the later ones dropped: afterwards this password, and only this one, lets the user in.
     """
     key = _check_name(name)
     secret = _check_password(password)
@@ -105,6 +108,68 @@ def remove_user(path: str | os.PathLike[str], name: str) -> None:
     _update(target, edit, create=False)
 
 
+def password_hashes(path: str | os.PathLike[str], name: str) -> list[str]:
+    """The hashes of `name`'s lines, in file order (any format; one per line, so a user in the middle of a
+    rotation has two). RESOURCE_DOES_NOT_EXIST when the file or the user is absent."""
+    key = _check_name(name)
+    target = _resolve(path)
+    lines = _read(target, missing_ok=False) or []
+    found = _find(lines, key)
+    if not found:
+        raise _no_user(name, target)
+    # latin-1: any byte maps to one character and back, so `remove_hashes` finds exactly these lines
+    return [_entry(lines[i])[1].decode("latin-1") for i in found]  # type: ignore[index]
+
+
+def add_password(path: str | os.PathLike[str], name: str, password: str) -> str:
+    """Adds another line for an existing user (RESOURCE_DOES_NOT_EXIST when absent), so that both the
+    password(s) the user had and `password` let the user in. Returns the new line's hash: the handle
+    `remove_hashes` takes to undo this, or to drop the older lines once clients have moved over."""
+    key = _check_name(name)
+    secret = _check_password(password)
+    hashed = _hash(secret)
+    _append(path, name, key, [hashed])
+    return hashed.decode("ascii")
+
+
+def add_hashes(path: str | os.PathLike[str], name: str, hashes: list[str]) -> None:
+    """Appends lines for an existing user with hashes taken from this file earlier (`password_hashes`):
+    puts back lines `remove_hashes` took away."""
+    key = _check_name(name)
+    encoded = []
+    for hashed in hashes:
+        if not isinstance(hashed, str) or not hashed or any(c in hashed for c in "\r\n\x00") \
+                or any(ord(c) > 0xFF for c in hashed):
+            raise _invalid("a password hash must be one non-empty line, as `password_hashes` returns it")
+        encoded.append(hashed.encode("latin-1"))
+    _append(path, name, key, encoded)
+
+
+def remove_hashes(path: str | os.PathLike[str], name: str, hashes: list[str]) -> int:
+    """Removes the lines of `name` whose hash is one of `hashes`; returns how many went. Refuses
+    (INVALID_STATE) to remove every line of the user: that is `remove_user`. RESOURCE_DOES_NOT_EXIST when
+    the user is absent."""
+    key = _check_name(name)
+    wanted = {h.encode("latin-1", "replace") for h in hashes}
+    target = _resolve(path)
+    removed = 0
+
+    def edit(lines: list[bytes]) -> list[bytes]:
+        nonlocal removed
+        found = _find(lines, key)
+        if not found:
+            raise _no_user(name, target)
+        drop = {i for i in found if _entry(lines[i])[1] in wanted}  # type: ignore[index]
+        if drop and len(drop) == len(found):
+            raise RunyardError(f"refusing to remove every password of user {name!r} in {target}; "
+                               "`runyard users remove` removes a user", "INVALID_STATE")
+        removed = len(drop)
+        return [line for i, line in enumerate(lines) if i not in drop]
+
+    _update(target, edit, create=False)
+    return removed
+
+
 def list_users(path: str | os.PathLike[str]) -> list[str]:
     """User names in file order (each once). A missing file is RESOURCE_DOES_NOT_EXIST."""
     names: list[str] = []
@@ -118,7 +183,7 @@ def list_users(path: str | os.PathLike[str]) -> list[str]:
 
 
 def verify(path: str | os.PathLike[str], name: str, password: str) -> bool:
-    """True when `password` matches the first line of `name`, as NGINX would decide.
+    """True when `password` matches one of `name`'s lines, as the server decides (`server/passwords.py`).
 
     Only bcrypt lines (`$2a$`, `$2b$`, `$2y$`) are checked; a user whose line has another format
     (`$apr1$`, `{SHA}`, ...) gives False, as do an unknown user and a password `add_user` would refuse.
@@ -130,16 +195,35 @@ def verify(path: str | os.PathLike[str], name: str, password: str) -> bool:
     except RunyardError:
         return False
     lines = _read(_resolve(path), missing_ok=False) or []
-    found = _find(lines, key)
-    if not found:
-        return False
-    stored = _entry(lines[found[0]])[1]  # type: ignore[index]
-    if not stored.startswith(_BCRYPT_PREFIXES):
-        return False
-    try:
-        return bcrypt.checkpw(secret, stored)
-    except ValueError:  # a malformed hash
-        return False
+    for i in _find(lines, key):
+        stored = _entry(lines[i])[1]  # type: ignore[index]
+        if not stored.startswith(_BCRYPT_PREFIXES):
+            continue
+        try:
+            if bcrypt.checkpw(secret, stored):
+                return True
+        except ValueError:  # a malformed hash
+            continue
+    return False
+
+
+def _append(path: str | os.PathLike[str], name: str, key: bytes, hashes: list[bytes]) -> None:
+    """Appends a `name:hash` line per hash after the user's last line (the user must exist)."""
+    target = _resolve(path)
+
+    def edit(lines: list[bytes]) -> list[bytes]:
+        found = _find(lines, key)
+        if not found:
+            raise _no_user(name, target)
+        last = found[-1]
+        ending = lines[last][len(lines[last].rstrip(_LINE_ENDINGS)):] or b"\n"
+        out = list(lines)
+        if not out[last].endswith(b"\n"):
+            out[last] += ending
+        added = [key + b":" + hashed + ending for hashed in hashes]
+        return [*out[:last + 1], *added, *out[last + 1:]]
+
+    _update(target, edit, create=False)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ def parse_duration(text: str) -> int:
 
 
 @contextmanager
-def _store(uri: str, pepper_file: str | None):
+def open_store(uri: str, pepper_file: str | None):
     pepper = load_pepper(pepper_file)
     with db.engine_for(uri) as engine:
         ensure_schema(engine, uri)  # the server's own check: never write into a mismatched schema
@@ -35,15 +35,15 @@ def _store(uri: str, pepper_file: str | None):
 def create(uri: str, name: str, user: str | None, expires: str | None, pepper_file: str | None
            ) -> tuple[str, dict]:
     lifetime = parse_duration(expires) if expires else None
-    with _store(uri, pepper_file) as store:
+    with open_store(uri, pepper_file) as store:
         return store.create(name, user, lifetime)
 
 
 def list_tokens(uri: str, pepper_file: str | None) -> list[dict]:
-    with _store(uri, pepper_file) as store:
+    with open_store(uri, pepper_file) as store:
         return store.list()
 
 
 def revoke(uri: str, name: str, pepper_file: str | None) -> None:
-    with _store(uri, pepper_file) as store:
+    with open_store(uri, pepper_file) as store:
         store.revoke(name)

@@ -3,7 +3,8 @@
 Configured from the environment when the store is opened, with MLflow's variable names:
 MLFLOW_S3_ENDPOINT_URL, MLFLOW_S3_IGNORE_TLS, MLFLOW_S3_UPLOAD_EXTRA_ARGS (a JSON object of extra
 PutObject / CreateMultipartUpload parameters), MLFLOW_BOTO_CLIENT_ADDRESSING_STYLE, and boto3's own
-AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN / AWS_PROFILE / AWS_DEFAULT_REGION.
+AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN / AWS_PROFILE / AWS_DEFAULT_REGION; or keys from
+a watched file, RUNYARD_S3_CREDENTIALS_FILE (s3_keys.py), so they can be rotated without a restart.
 
 Folders are key prefixes: one exists while a key lies below it. Writes buffer one part at a time: a small
 file is one PutObject, a larger one a multipart upload, completed only once the whole body has arrived,
@@ -23,6 +24,7 @@ from collections.abc import AsyncIterable
 from urllib.parse import quote, urlsplit
 
 import boto3
+import botocore.session
 from anyio import to_thread
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, IncompleteReadError
@@ -41,6 +43,7 @@ from server.artifacts.base import (
     safe_relative_path,
     store_failure,
 )
+from server.artifacts.s3_keys import CREDENTIALS_FILE_ENV, WatchedFileProvider
 from server.errors import RunyardError, invalid, not_found
 
 log = logging.getLogger("runyard.server")
@@ -85,17 +88,29 @@ class S3ArtifactRepository(ArtifactRepository):
         self.description = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
         self._extra_args = self._read_extra_args()
         self._part_args = {k: v for k, v in self._extra_args.items() if k in _PER_PART_ARGS}
-        self._secrets = (os.environ.get("AWS_SECRET_ACCESS_KEY"), os.environ.get("AWS_SESSION_TOKEN"),
-                         self._extra_args.get("SSECustomerKey"))
+        self._fixed_secrets = (os.environ.get("AWS_SECRET_ACCESS_KEY"), os.environ.get("AWS_SESSION_TOKEN"),
+                               self._extra_args.get("SSECustomerKey"))
         ignore_tls = os.environ.get("MLFLOW_S3_IGNORE_TLS", "").strip().lower() in ("true", "1")
         addressing = os.environ.get("MLFLOW_BOTO_CLIENT_ADDRESSING_STYLE", "auto")
         config = Config(signature_version="s3v4", s3={"addressing_style": addressing})
+        self._watched = None
+        botocore_session = botocore.session.get_session()
+        if os.environ.get(CREDENTIALS_FILE_ENV):  # keys that `runyard rotate s3-keys` may replace
+            provider = WatchedFileProvider(os.environ[CREDENTIALS_FILE_ENV])
+            botocore_session.get_component("credential_provider").insert_before("env", provider)
+            self._watched = provider.credentials
         try:  # the session reads AWS_PROFILE, the AWS_* keys and AWS_DEFAULT_REGION now
-            self._client = boto3.session.Session().client(
+            self._client = boto3.session.Session(botocore_session=botocore_session).client(
                 "s3", endpoint_url=os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None,
                 verify=False if ignore_tls else None, config=config)
         except BotoCoreError as exc:
             raise self._misconfigured(str(exc)) from None
+
+    @property
+    def _secrets(self) -> tuple[str | None, ...]:
+        """What error messages must never show: the keys in use now, whichever file or variable they came
+        from, and an SSE-C key."""
+        return self._fixed_secrets + (self._watched.current_secrets() if self._watched else ())
 
     def _misconfigured(self, reason: str) -> RunyardError:
         return RunyardError(f"Artifact store {self.description} is misconfigured: {reason}", "INVALID_STATE")

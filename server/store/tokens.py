@@ -88,6 +88,23 @@ class TokenStore:
         now = now_ms()
         return [_listing(row, now) for row in self.tracking.read(select)]
 
+    def expire(self, name: str, at_ms: int) -> dict:
+        """Makes the token stop working at `at_ms` (epoch milliseconds), or keeps its earlier expiry: a
+        token is never given a longer life here. Returns its listing; RESOURCE_DOES_NOT_EXIST when absent."""
+
+        def update(conn):
+            row = conn.execute(sa.select(access_tokens).where(access_tokens.c.name == name)).first()
+            if row is None:
+                raise not_found(f"No token named '{name}'.")
+            row = row._asdict()
+            if row["expires_time"] is None or row["expires_time"] > at_ms:
+                conn.execute(access_tokens.update().where(access_tokens.c.name == name)
+                             .values(expires_time=at_ms))
+                row["expires_time"] = at_ms
+            return row
+
+        return _listing(self.tracking.write(update), now_ms())
+
     def revoke(self, name: str) -> None:
         def delete(conn):
             return conn.execute(access_tokens.delete().where(access_tokens.c.name == name)).rowcount

@@ -10,6 +10,8 @@ import subprocess
 from helpers.cli import clean_env, cli_command, run_cli
 from helpers.ports import free_port
 
+from toolkit import htpasswd as users
+
 
 def _users(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(cli_command("users", *args), input=stdin, capture_output=True, text=True,
@@ -81,3 +83,28 @@ def test_check_reports_a_broken_file(tmp_path):
     conf.write_text("events {}\nhttp { server { listen 127.0.0.1:1; location / { proxy_pass; } } }\n")
     result = run_cli("nginx", "check", str(conf))
     assert result.returncode == 1 and "nginx rejects" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_rotate_token_prints_the_successor_once_and_expires_the_old(tmp_path):
+    store = str(tmp_path / "store")
+    first = run_cli("tokens", "create", "--name", "ci", "--backend-store-uri", store).stdout.strip()
+    refused = run_cli("rotate", "token", "ci", "--overlap", "0", "--json", "--backend-store-uri", store)
+    assert refused.returncode == 1 and "--to" in refused.stdout + refused.stderr
+    rotated = run_cli("rotate", "token", "ci", "--overlap", "0", "--backend-store-uri", store)
+    assert rotated.returncode == 0, rotated.stderr
+    successor = rotated.stdout.strip()
+    assert successor.startswith("ryt_") and successor != first and successor not in rotated.stderr
+    listed = json.loads(run_cli("tokens", "list", "--json", "--backend-store-uri", store).stdout)["tokens"]
+    assert [t["name"].startswith("ci-") for t in listed] == [True]  # the old one is gone at overlap 0
+
+
+def test_rotate_htpasswd_hands_the_new_password_to_a_secret_file(tmp_path):
+    htpasswd, secret = str(tmp_path / "htpasswd"), tmp_path / "alice.secret"
+    added = _users("add", "alice", "--htpasswd", htpasswd, "--password-stdin", stdin="old-pw\n")
+    assert added.returncode == 0
+    rotated = run_cli("rotate", "htpasswd", "alice", "--htpasswd", htpasswd, "--overlap", "0",
+                      "--to", str(secret), "--json")
+    assert rotated.returncode == 0, rotated.stderr
+    new_password = secret.read_text().strip()
+    assert os.stat(secret).st_mode & 0o777 == 0o600 and new_password not in rotated.stdout
+    assert users.verify(htpasswd, "alice", new_password) and not users.verify(htpasswd, "alice", "old-pw")
