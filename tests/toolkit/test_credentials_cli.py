@@ -108,3 +108,19 @@ def test_rotate_htpasswd_hands_the_new_password_to_a_secret_file(tmp_path):
     new_password = secret.read_text().strip()
     assert os.stat(secret).st_mode & 0o777 == 0o600 and new_password not in rotated.stdout
     assert users.verify(htpasswd, "alice", new_password) and not users.verify(htpasswd, "alice", "old-pw")
+
+
+def test_rotations_refuse_bad_input_with_a_clear_error(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("pw")
+    for args in (("db-password", str(tmp_path / "folder-store"), "--secret", str(secret)),
+                 ("s3-keys", "runyard", "--secret", str(secret)),
+                 ("tls", "--cert", str(tmp_path / "no.pem"), "--key", str(tmp_path / "no.key"),
+                  "--installed-cert", str(tmp_path / "a.pem"), "--installed-key", str(tmp_path / "a.key"),
+                  "--nginx-pid", str(tmp_path / "nginx.pid"))):
+        result = run_cli("rotate", *args, env={"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y",
+                                               "AWS_DEFAULT_REGION": "us-east-1"})
+        assert result.returncode == 1, (args, result.stdout, result.stderr)
+        assert result.stderr.splitlines()[-1].startswith("Error: "), result.stderr  # after stage lines
+        assert "Traceback" not in result.stderr
+        assert "pw" not in result.stderr.replace("password", "")
