@@ -13,34 +13,21 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from helpers import databases
-from helpers.databases import DatabaseServer, Unavailable
+from helpers.databases import DatabaseServer
 from helpers.ports import free_port  # noqa: F401  (re-exported for tests that want `from conftest import …`)
 from helpers.servers import RunningServer, start_server
-
-
-def _database_server(start: Callable[[], DatabaseServer]) -> Iterator[DatabaseServer]:
-    try:
-        server = start()
-    except Unavailable as exc:
-        if os.environ.get("RUNYARD_TEST_STRICT") == "1":
-            pytest.fail(f"{exc} (RUNYARD_TEST_STRICT=1: required services must be available)")
-        pytest.skip(str(exc))
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[DatabaseServer]:
     """A PostgreSQL server for the session; `.base_url` is postgresql://postgres@127.0.0.1:PORT."""
-    yield from _database_server(databases.postgres_server)
+    yield from databases.serve(databases.postgres_server)
 
 
 @pytest.fixture(scope="session")
 def mysql_server() -> Iterator[DatabaseServer]:
     """A MariaDB server for the session; `.base_url` is mysql://root@127.0.0.1:PORT."""
-    yield from _database_server(databases.mysql_server)
+    yield from databases.serve(databases.mysql_server)
 
 
 @pytest.fixture

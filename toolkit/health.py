@@ -63,7 +63,9 @@ class _ConfigError(Exception):
     """The probe cannot start: a bad URL or contradictory MLflow environment variables."""
 
 
-class _Bearer(AuthBase):
+class BearerAuth(AuthBase):
+    """`Authorization: Bearer <token>`, as the mlflow client sends MLFLOW_TRACKING_TOKEN; never in a repr."""
+
     def __init__(self, token: str):
         self._token = token
 
@@ -133,7 +135,7 @@ def _settings(url: str, env: Mapping[str, str]) -> _Settings:
         kind, source = "basic", "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD"
         auth = HTTPBasicAuth(username, password)
     elif token:
-        kind, source, auth = "token", "MLFLOW_TRACKING_TOKEN", _Bearer(token)
+        kind, source, auth = "token", "MLFLOW_TRACKING_TOKEN", BearerAuth(token)
     else:
         kind, source, auth = "none", "", None
     for value in (parts.password, url_password, password, token):

@@ -19,7 +19,6 @@ A password is never put in an error message, and no exception raised here chains
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import grp
 import os
@@ -32,6 +31,7 @@ from pathlib import Path
 import bcrypt
 
 from server.errors import RunyardError
+from toolkit.files import fsync_dir, os_error
 
 # bcrypt cost factor: 2**12 rounds, about a quarter of a second per hash on a current CPU. Tests lower it
 # by patching this constant (cost 4, about a millisecond) so they stay fast; there is deliberately no
@@ -321,7 +321,7 @@ def _read(target: Path, missing_ok: bool) -> list[bytes] | None:
             return None
         raise RunyardError(f"htpasswd file {target} does not exist", "RESOURCE_DOES_NOT_EXIST") from None
     except OSError as exc:
-        raise _os_error("cannot read", target, exc) from None
+        raise os_error("cannot read", target, exc) from None
     return data.splitlines(keepends=True)
 
 
@@ -332,14 +332,14 @@ def _update(target: Path, edit: Callable[[list[bytes]], list[bytes]], create: bo
     try:
         lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     except OSError as exc:
-        raise _os_error("cannot create the lock file", lock_path, exc) from None
+        raise os_error("cannot create the lock file", lock_path, exc) from None
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
         lines = _read(target, missing_ok=create)
         try:
             current = os.stat(target) if lines is not None else None
         except OSError as exc:
-            raise _os_error("cannot read", target, exc) from None
+            raise os_error("cannot read", target, exc) from None
         new_lines = edit(lines or [])
         _write_atomically(target, b"".join(new_lines), current, gid)
     finally:
@@ -352,7 +352,7 @@ def _write_atomically(target: Path, data: bytes, current: os.stat_result | None,
         # 0600 from the first instant (umask can only take bits away); widened below only on purpose.
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     except OSError as exc:
-        raise _os_error("cannot write in the directory of", target, exc) from None
+        raise os_error("cannot write in the directory of", target, exc) from None
     try:
         try:
             _set_owner_and_mode(fd, target, current, gid)
@@ -369,9 +369,9 @@ def _write_atomically(target: Path, data: bytes, current: os.stat_result | None,
         except OSError:
             pass
         if isinstance(exc, OSError):
-            raise _os_error("cannot write", target, exc) from None
+            raise os_error("cannot write", target, exc) from None
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def _set_owner_and_mode(fd: int, target: Path, current: os.stat_result | None, gid: int | None) -> None:
@@ -388,22 +388,3 @@ def _set_owner_and_mode(fd: int, target: Path, current: os.stat_result | None, g
             raise RunyardError(f"not allowed to give {target} owner id {uid} and group id {group} "
                                "(run as its owner, in that group, or as root)", "PERMISSION_DENIED") from None
     os.fchmod(fd, mode)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on a directory; the rename itself has happened
-    finally:
-        os.close(fd)
-
-
-def _os_error(action: str, path: Path, exc: OSError) -> RunyardError:
-    code = {errno.EACCES: "PERMISSION_DENIED", errno.EPERM: "PERMISSION_DENIED",
-            errno.ENOENT: "RESOURCE_DOES_NOT_EXIST"}.get(exc.errno or 0, "INVALID_STATE")
-    return RunyardError(f"{action} {path}: {exc.strerror or exc}", code)

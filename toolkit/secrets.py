@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import errno
 import json
 import os
 import re
@@ -46,6 +45,7 @@ from typing import Protocol
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from server.errors import RunyardError
+from toolkit.files import fsync_dir, os_error
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _ARN_REGION = re.compile(r"^arn:aws[a-z-]*:secretsmanager:([a-z0-9-]+):")
@@ -94,7 +94,7 @@ class FileSecret:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise _os_error("Cannot read the secret file", self.path, exc) from None
+            raise os_error("Cannot read the secret file", self.path, exc) from None
         try:
             text = data.decode()
         except UnicodeDecodeError:
@@ -116,13 +116,13 @@ class FileSecret:
         except FileNotFoundError:
             current = None
         except OSError as exc:
-            raise _os_error("Cannot read the secret file", self.path, exc) from None
+            raise os_error("Cannot read the secret file", self.path, exc) from None
         temp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
         try:
             # 0600 from the first instant (the umask can only take bits away), before any byte is written.
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         except OSError as exc:
-            raise _os_error("Cannot write in the folder of the secret file", self.path, exc) from None
+            raise os_error("Cannot write in the folder of the secret file", self.path, exc) from None
         try:
             try:
                 self._owner_and_mode(fd, current)
@@ -139,9 +139,9 @@ class FileSecret:
             except OSError:
                 pass
             if isinstance(exc, OSError):
-                raise _os_error("Cannot write the secret file", self.path, exc) from None
+                raise os_error("Cannot write the secret file", self.path, exc) from None
             raise
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
 
     def _owner_and_mode(self, fd: int, current: os.stat_result | None) -> None:
         """New file: ours, 0600. Existing file: its owner and group; 0640 if it had a group bit, else 0600.
@@ -160,25 +160,6 @@ class FileSecret:
 
     def __repr__(self) -> str:
         return f"FileSecret({self.ref!r})"
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on a folder; the rename itself has happened
-    finally:
-        os.close(fd)
-
-
-def _os_error(action: str, path: Path, exc: OSError) -> RunyardError:
-    code = {errno.EACCES: "PERMISSION_DENIED", errno.EPERM: "PERMISSION_DENIED",
-            errno.ENOENT: "RESOURCE_DOES_NOT_EXIST"}.get(exc.errno or 0, "INVALID_STATE")
-    return RunyardError(f"{action} {path}: {exc.strerror or exc}", code)
 
 
 def _file(ref: str) -> FileSecret:

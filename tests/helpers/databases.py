@@ -13,12 +13,13 @@ import signal
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
 import pymysql
+import pytest
 
 from helpers.ports import free_port, wait_for
 
@@ -80,11 +81,13 @@ def _process_gone(pid: int) -> bool:
         return True
 
 
-def start_postgres() -> DatabaseServer:
-    """A throwaway PostgreSQL 15: initdb in a temp dir (as `postgres` when we are root), trust auth."""
+def start_postgres_cluster(initdb_auth: tuple[str, ...] = ("-A", "trust"), options: str = "",
+                           label: str = "") -> tuple[int, Path, Callable[[], None]]:
+    """initdb + pg_ctl start of a PostgreSQL 15 in a temp dir (as `postgres` when we are root), on a free
+    port with its Unix socket in that dir: (port, dir, stop)."""
     if not (PG_BIN / "initdb").exists():
         raise Unavailable(f"PostgreSQL 15 binaries not found in {PG_BIN} (apt-get install postgresql-15)")
-    workdir = Path(tempfile.mkdtemp(prefix="runyard-pg-"))
+    workdir = Path(tempfile.mkdtemp(prefix=f"runyard-pg-{label}-" if label else "runyard-pg-"))
     runas: list[str] = []
     if os.geteuid() == 0:  # initdb and postgres refuse to run as root
         shutil.chown(workdir, "postgres", "postgres")
@@ -92,15 +95,15 @@ def start_postgres() -> DatabaseServer:
     port = free_port()
     data, log = workdir / "data", workdir / "log"
     try:
-        subprocess.run([*runas, str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
+        subprocess.run([*runas, str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", *initdb_auth,
                         "-E", "UTF8", "--no-sync"], check=True, capture_output=True)
         subprocess.run([*runas, str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60",
-                        "-o", f"-p {port} -k {workdir} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
-                       check=True, capture_output=True)
+                        "-o", f"-p {port} -k {workdir} -c listen_addresses=127.0.0.1 -c fsync=off {options}",
+                        "start"], check=True, capture_output=True)
     except subprocess.CalledProcessError as exc:
         shutil.rmtree(workdir, ignore_errors=True)
         detail = exc.stderr.decode(errors="replace")
-        raise RuntimeError(f"throwaway PostgreSQL failed: {detail}\n{_tail(log)}") from None
+        raise RuntimeError(f"throwaway PostgreSQL {label} failed: {detail}\n{_tail(log)}") from None
     pid = int((data / "postmaster.pid").read_text().split()[0])
 
     def stop() -> None:
@@ -112,6 +115,12 @@ def start_postgres() -> DatabaseServer:
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(workdir, ignore_errors=True)
 
+    return port, workdir, stop
+
+
+def start_postgres() -> DatabaseServer:
+    """A throwaway PostgreSQL 15 with trust auth."""
+    port, _, stop = start_postgres_cluster()
     return DatabaseServer("postgresql", port, f"postgresql://postgres@127.0.0.1:{port}", stop)
 
 
@@ -228,3 +237,18 @@ def my_grant(server: DatabaseServer, user: str, database_pattern: str) -> None:
 def my_drop_user(server: DatabaseServer, user: str) -> None:
     with _my_connect(server.port) as conn, conn.cursor() as cur:
         cur.execute(f"DROP USER IF EXISTS '{user}'@'%'")
+
+
+def serve(start: Callable[[], object]) -> Iterator:
+    """For a fixture: the started server, stopped afterwards; skipped where it cannot start (a failure
+    under RUNYARD_TEST_STRICT=1)."""
+    try:
+        server = start()
+    except Unavailable as exc:
+        if os.environ.get("RUNYARD_TEST_STRICT") == "1":
+            pytest.fail(f"{exc} (RUNYARD_TEST_STRICT=1: required services must be available)")
+        pytest.skip(str(exc))
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -75,18 +75,6 @@ def _overlap_s(value: float) -> float:
 
 # --- verification through NGINX ------------------------------------------------------------------------
 
-class _Bearer(AuthBase):
-    def __init__(self, token: str):
-        self._token = token
-
-    def __call__(self, request):
-        request.headers["Authorization"] = f"Bearer {self._token}"
-        return request
-
-    def __repr__(self) -> str:
-        return "<bearer token>"
-
-
 class _ApiCheck:
     """An authenticated API read (`experiments/search`) at `url`, as an MLflow client makes it. TLS
     settings come from MLflow's variables (MLFLOW_TRACKING_SERVER_CERT_PATH, MLFLOW_TRACKING_INSECURE_TLS,
@@ -238,7 +226,7 @@ def rotate_token(uri: str, name: str, overlap_s: float, to: str | None = None, e
                 raise _fail(f"the backend store does not authenticate the new token {new_name}")
             verified.append("store")
             if check is not None:
-                check.expect(_Bearer(token), f"the new token {new_name}",
+                check.expect(health.BearerAuth(token), f"the new token {new_name}",
                              "does the server use the same --token-pepper-file and backend store?")
                 verified.append("check_url")
             if handover.secret is not None:
