@@ -160,9 +160,11 @@ def server(
     _run(serve, config)
 
 
+# The URI may hold a password, so jobs pass it in the environment rather than in argv.
 UriArg = Annotated[str, typer.Argument(
-    help="Backend store URI, as given to `runyard server --backend-store-uri` (a folder or a database URI).",
-    show_default=False)]
+    envvar="RUNYARD_BACKEND_STORE_URI", show_envvar=False, show_default=False,
+    help="Backend store URI, as given to `runyard server --backend-store-uri` (a folder or a database URI); "
+         "when omitted, RUNYARD_BACKEND_STORE_URI.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]
 
 

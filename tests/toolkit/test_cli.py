@@ -52,6 +52,16 @@ def test_db_current_and_upgrade(backend_uri):
     assert again.returncode == 0 and "nothing to do" in again.stdout
 
 
+def test_db_commands_take_the_uri_from_the_environment(backend_uri):
+    """How the Kubernetes upgrade Job runs them: a URI with a password never sits in argv."""
+    upgraded = run_cli("db", "upgrade", "--yes", "--json", env={"RUNYARD_BACKEND_STORE_URI": backend_uri})
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert json.loads(upgraded.stdout)["revision"] == HEAD
+    current = run_cli("db", "current", "--json", env={"RUNYARD_BACKEND_STORE_URI": backend_uri})
+    assert json.loads(current.stdout)["status"] == "current"
+    assert run_cli("db", "current").returncode != 0  # neither argument nor variable: refused
+
+
 def test_upgrade_sql_for_mssql_connects_to_nothing():
     result = run_cli("db", "upgrade", f"mssql+pymssql://u:{SECRET}@nowhere/db", "--sql")
     assert result.returncode == 0, result.stderr
