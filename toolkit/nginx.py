@@ -143,6 +143,9 @@ class NginxSettings:
     redirect_http: str | None = None  # ADDR:PORT of a plain listener that redirects to HTTPS
     max_upload_size: str = "100g"  # client_max_body_size on artifact routes ("0": unlimited)
     login_rate: str = "30r/m"  # failed logins per client address
+    # In a container: run in the foreground and log to stdout/stderr, where the runtime collects logs
+    # (pid file and temp folders stay in state_dir).
+    container: bool = False
 
     def __post_init__(self) -> None:
         def put(name, value):
@@ -221,6 +224,7 @@ def template_values(settings: NginxSettings) -> dict:
     tls_port = _port(s.listen)
     return {
         "worker_user": s.worker_user.replace(":", " ") if s.worker_user else None,
+        "container": bool(s.container),
         "state_dir": s.state_dir,
         "upstreams": s.upstreams,
         "listen": s.listen,

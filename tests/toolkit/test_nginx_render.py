@@ -14,6 +14,7 @@ import re
 import shutil
 import socket
 import stat
+import subprocess
 import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 import requests
 from helpers.nginx import NginxProcess
-from helpers.ports import free_port
+from helpers.ports import free_port, port_open, wait_for
 
 from server.errors import RunyardError
 from toolkit import nginx
@@ -537,6 +538,39 @@ def test_check_needs_the_state_dir(material, tmp_path):
     conf.write_text(render(settings_for(material, tmp_path, state_dir=str(tmp_path / "absent"))))
     with pytest.raises(RunyardError, match="absent"):
         check(conf)
+
+
+@pytest.mark.parametrize("tls_mode", ["plain", "tls"])
+def test_container_mode_runs_in_the_foreground_and_logs_to_stdout(material, tmp_path, backend, tls_mode):
+    """The Kubernetes sidecar (infra/k8s): nginx is the container's main process and its logs go to the
+    container runtime; only the pid file and temp folders stay in the state directory."""
+    settings = settings_for(material, tmp_path, auth="token", container=True, upstreams=(backend.address,),
+                            **tls_options(material, tls_mode))
+    conf_path = write(settings, tmp_path / "nginx.conf")
+    assert "test is successful" in check(conf_path)
+    bare = directives(Path(conf_path).read_text())
+    for line in ("daemon off;", "error_log stderr warn;", "access_log /dev/stdout runyard;",
+                 f"pid {settings.state_dir}/nginx.pid;"):
+        assert re.search(rf"^\s*{re.escape(line)}$", bare, re.MULTILINE), line
+    assert "error.log" not in bare and "access.log" not in bare
+    assert "daemon" not in directives(render(dataclasses.replace(settings, container=False)))
+
+    # No -g 'daemon off;': the configuration alone keeps nginx in the foreground.
+    proc = subprocess.Popen([nginx.find_nginx(), "-c", conf_path], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        port = int(settings.listen.rpartition(":")[2])
+        wait_for(lambda: proc.poll() is not None or port_open(port), 10)
+        assert proc.poll() is None, proc.stderr.read() if proc.poll() is not None else ""
+        scheme = "https" if settings.tls else "http"
+        answer = requests.get(f"{scheme}://localhost:{port}/health", timeout=10, verify=material["ca"])
+        assert answer.status_code == 200 and answer.json()["path"] == "/health"
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=10)
+    assert re.search(r'"GET /health HTTP/\S+" 200 ', out), out  # the access log, on stdout
+    assert not (Path(settings.state_dir) / "access.log").exists()
+    assert not (Path(settings.state_dir) / "error.log").exists()
 
 
 def test_find_nginx(monkeypatch, tmp_path):
