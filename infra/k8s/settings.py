@@ -16,7 +16,7 @@ _SECRET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 _SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
 _HOST = re.compile(r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$")
-SERVER_DIALECTS = ("postgresql", "mysql", "mssql")
+SERVER_DIALECTS = ("postgresql", "mysql", "mariadb", "mssql")
 
 
 class SettingsError(ValueError):
@@ -183,7 +183,7 @@ class KubernetesSettings:
             dialect = _dialect(self.backend_store_uri)
             if dialect not in (*SERVER_DIALECTS, "sqlite"):
                 raise SettingsError(f"--backend-store-uri: {uri.scheme or 'a folder'} is not a database URI "
-                                    "(postgresql://, mysql://, mssql:// or sqlite:////data/…).")
+                                    "(postgresql://, mysql://, mariadb://, mssql:// or sqlite:////data/…).")
             if uri.password:
                 raise SettingsError("--backend-store-uri holds a password: put the URI in a Secret "
                                     "(--backend-store-uri-secret) or the password alone in "
