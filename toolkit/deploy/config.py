@@ -78,7 +78,20 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-").replace(".", "-")
 
 
-def _read_section(config_file: str) -> dict:
+def load_aws_settings(flags: dict[str, object], config_file: str | None):
+    """AwsSettings from runyard.yaml's `aws:` section, flags that are not None winning."""
+    from infra.aws.settings import AwsSettings
+    from infra.aws.settings import SettingsError as AwsSettingsError
+
+    values = _read_section(config_file, "aws") if config_file else {}
+    values.update({key: value for key, value in flags.items() if value is not None})
+    try:
+        return AwsSettings.from_mapping(values)
+    except (AwsSettingsError, TypeError) as exc:
+        raise RunyardError(str(exc), "INVALID_PARAMETER_VALUE") from None
+
+
+def _read_section(config_file: str, name: str = "kubernetes") -> dict:
     try:
         document = yaml.safe_load(Path(config_file).read_text())
     except OSError as exc:
@@ -94,10 +107,10 @@ def _read_section(config_file: str) -> dict:
     unknown = [str(key) for key in document if key not in SECTIONS]
     if unknown:
         raise _invalid(f"{config_file}: unknown section {unknown[0]!r} (known: {', '.join(SECTIONS)})")
-    section = document.get("kubernetes") or {}
+    section = document.get(name) or {}
     if not isinstance(section, dict):
-        raise _invalid(f"{config_file}: kubernetes must be a mapping of settings")
-    return section
+        raise _invalid(f"{config_file}: {name} must be a mapping of settings")
+    return dict(section)
 
 
 class _Reader:
