@@ -572,6 +572,8 @@ def nginx_render(
         help="Allow --auth none: anyone who reaches NGINX can read and write.")] = False,
     no_check: Annotated[bool, typer.Option(
         "--no-check", help="Do not validate with `nginx -t` (when rendering for another host).")] = False,
+    container: Annotated[bool, typer.Option(
+        "--container", help="For NGINX in a container: foreground, logs to stdout/stderr.")] = False,
 ) -> None:
     """Write a complete NGINX configuration for runyard, validated with `nginx -t`.
 
@@ -583,7 +585,7 @@ def nginx_render(
                     tls_cert=tls_cert, tls_key=tls_key, client_ca=client_ca,
                     static_prefix=static_prefix, insecure_no_auth=insecure_no_auth, server_name=server_name,
                     state_dir=state_dir, worker_user=worker_user, redirect_http=redirect_http,
-                    max_upload_size=max_upload_size, login_rate=login_rate)
+                    max_upload_size=max_upload_size, login_rate=login_rate, container=container)
     path = _run(nginx.write, settings, output, validate=not no_check)
     checked = "not validated (--no-check)" if no_check else "validated with nginx -t"
     out.print(f"Wrote {path} ({checked}).", markup=False)

@@ -62,6 +62,13 @@ def test_render_then_check(tmp_path):
     assert checked.returncode == 0, checked.stderr
 
 
+def test_render_for_a_container(tmp_path):
+    rendered = _render(tmp_path, "--auth", "token", "--container")
+    assert rendered.returncode == 0, rendered.stderr
+    conf = (tmp_path / "nginx.conf").read_text()
+    assert "daemon off;" in conf and "access_log /dev/stdout" in conf and "error_log stderr" in conf
+
+
 def test_render_refuses_an_open_door_unless_asked(tmp_path):
     refused = _render(tmp_path, "--auth", "none")
     assert refused.returncode == 1 and "--insecure-no-auth" in refused.stderr
