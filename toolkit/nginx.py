@@ -146,6 +146,8 @@ class NginxSettings:
     # In a container: run in the foreground and log to stdout/stderr, where the runtime collects logs
     # (pid file and temp folders stay in state_dir).
     container: bool = False
+    # None: one per CPU. In a container NGINX counts the node's CPUs, not the pod's share: set it there.
+    worker_processes: int | None = None
 
     def __post_init__(self) -> None:
         def put(name, value):
@@ -162,6 +164,8 @@ class NginxSettings:
             if upstreams.count(upstream) > 1:
                 raise _invalid(f"--upstream: {upstream} is given more than once.")
         put("upstreams", upstreams)
+        if self.worker_processes is not None and not 1 <= self.worker_processes <= 256:
+            raise _invalid("worker_processes: between 1 and 256.")
         _host_port(self.listen, "--listen", wildcard=True)
 
         if self.auth not in AUTH_MODES:
@@ -225,6 +229,7 @@ def template_values(settings: NginxSettings) -> dict:
     return {
         "worker_user": s.worker_user.replace(":", " ") if s.worker_user else None,
         "container": bool(s.container),
+        "worker_processes": s.worker_processes or "auto",
         "state_dir": s.state_dir,
         "upstreams": s.upstreams,
         "listen": s.listen,

@@ -23,6 +23,8 @@ CONFIG_HASH_ANNOTATION = "runyard.dev/config-hash"
 
 SERVER_PORT = 5000  # loopback only
 HTTP_PORT, HTTPS_PORT = 8080, 8443  # NGINX; above 1024, so no capability is needed to bind them
+# NGINX only proxies; "auto" would start one worker per CPU of the node, whatever the pod's limits.
+NGINX_WORKERS = 2
 SERVER_UID = 10001  # the runyard image's user (Dockerfile)
 NGINX_UID = 101  # nginxinc/nginx-unprivileged's user
 # Long enough for uploads in flight to finish after NGINX stops taking new connections.
@@ -67,6 +69,7 @@ def nginx_conf(settings: KubernetesSettings) -> str:
         tls_key=f"{TLS_DIR}/tls.key" if tls else None,
         state_dir=NGINX_STATE_DIR,
         container=True,
+        worker_processes=NGINX_WORKERS,
     ))
 
 

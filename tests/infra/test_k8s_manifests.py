@@ -398,7 +398,8 @@ def test_nginx_config_map_is_the_sidecar_config_and_passes_nginx_check(tmp_path)
     """The ConfigMap's nginx.conf, with the pod's paths pointed at local files, passes the real nginx -t."""
     settings = CONFIGS["postgres-password-tls-ingress"]
     conf = find(docs_of(settings), "ConfigMap", "runyard-nginx")["data"]["nginx.conf"]
-    for line in ("daemon off;", "error_log stderr warn;", "access_log /dev/stdout runyard;",
+    for line in ("worker_processes 2;", "daemon off;", "error_log stderr warn;",
+                 "access_log /dev/stdout runyard;",
                  "listen 0.0.0.0:8443 ssl http2;", "server 127.0.0.1:5000;",
                  "ssl_certificate /etc/runyard/tls/tls.crt;", "ssl_certificate_key /etc/runyard/tls/tls.key;",
                  "pid /var/lib/runyard/nginx/nginx.pid;"):

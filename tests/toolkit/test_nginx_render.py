@@ -457,6 +457,7 @@ BAD_SETTINGS = [
     ({"max_upload_size": "10g;"}, "--max-upload-size"),
     ({"login_rate": "30/m"}, "--login-rate"),
     ({"login_rate": "30r/m burst=1000"}, "--login-rate"),
+    ({"worker_processes": 0}, "worker_processes"),
 ]
 
 
