@@ -14,7 +14,6 @@ import datetime
 import ipaddress
 import os
 import re
-import tempfile
 from pathlib import Path
 
 from cryptography import x509
@@ -24,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from server.errors import RunyardError
+from toolkit.files import replace_atomically
 
 CA_DAYS = 3650
 MAX_DAYS = 3650
@@ -47,23 +47,8 @@ def _san(host: str) -> x509.GeneralName:
 
 
 def _write_atomic(path: Path, data: bytes, private: bool) -> None:
-    """Writes `path` through a temp file in the same folder: 0600 from creation for keys, 0644 for
-    certificates; the rename makes it appear complete."""
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # created 0600
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            if not private:
-                os.fchmod(handle.fileno(), 0o644)  # public; set before any byte is written
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Writes `path` atomically: 0600 from creation for keys, 0644 for certificates."""
+    replace_atomically(path, data, prepare=None if private else lambda fd: os.fchmod(fd, 0o644))
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import fcntl
 import grp
 import os
-import secrets
 import stat
 import unicodedata
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from pathlib import Path
 import bcrypt
 
 from server.errors import RunyardError
-from toolkit.files import fsync_dir, os_error
+from toolkit.files import FolderNotWritable, os_error, replace_atomically
 
 # bcrypt cost factor: 2**12 rounds, about a quarter of a second per hash on a current CPU. Tests lower it
 # by patching this constant (cost 4, about a millisecond) so they stay fast; there is deliberately no
@@ -347,31 +346,12 @@ def _update(target: Path, edit: Callable[[list[bytes]], list[bytes]], create: bo
 
 
 def _write_atomically(target: Path, data: bytes, current: os.stat_result | None, gid: int | None) -> None:
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
     try:
-        # 0600 from the first instant (umask can only take bits away); widened below only on purpose.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    except OSError as exc:
+        replace_atomically(target, data, prepare=lambda fd: _set_owner_and_mode(fd, target, current, gid))
+    except FolderNotWritable as exc:
         raise os_error("cannot write in the directory of", target, exc) from None
-    try:
-        try:
-            _set_owner_and_mode(fd, target, current, gid)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise os_error("cannot write", target, exc) from None
-        raise
-    fsync_dir(target.parent)
+    except OSError as exc:
+        raise os_error("cannot write", target, exc) from None
 
 
 def _set_owner_and_mode(fd: int, target: Path, current: os.stat_result | None, gid: int | None) -> None:

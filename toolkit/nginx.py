@@ -23,13 +23,13 @@ import pwd
 import re
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
 
 from server.errors import RunyardError
+from toolkit.files import FolderNotWritable, replace_atomically
 
 # Beside toolkit/ in the source tree, in an editable install and in the wheel alike.
 TEMPLATES = Path(__file__).resolve().parent.parent / "nginx"
@@ -461,28 +461,10 @@ def write(settings: NginxSettings, output_path: str | os.PathLike, validate: boo
         except RunyardError:
             pass
     try:
-        fd, temp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    except OSError as exc:
+        # 0644: paths only, no secrets, and nginx may run as another user
+        replace_atomically(output, text.encode(), prepare=lambda fd: os.fchmod(fd, 0o644),
+                           check=(lambda temp: check(temp, _shown_as=str(output))) if validate else None)
+    except FolderNotWritable as exc:
         raise _invalid(f"cannot write in {output.parent}: {exc.strerror}.") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            os.fchmod(handle.fileno(), 0o644)  # paths only, no secrets; nginx may run as another user
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if validate:
-            check(temp, _shown_as=str(output))
-        os.replace(temp, output)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except FileNotFoundError:
-            pass
-        raise
-    directory = os.open(output.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
     return str(output)
 

@@ -36,7 +36,6 @@ import binascii
 import json
 import os
 import re
-import secrets
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ from typing import Protocol
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from server.errors import RunyardError
-from toolkit.files import fsync_dir, os_error
+from toolkit.files import FolderNotWritable, os_error, replace_atomically
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _ARN_REGION = re.compile(r"^arn:aws[a-z-]*:secretsmanager:([a-z0-9-]+):")
@@ -117,31 +116,12 @@ class FileSecret:
             current = None
         except OSError as exc:
             raise os_error("Cannot read the secret file", self.path, exc) from None
-        temp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
         try:
-            # 0600 from the first instant (the umask can only take bits away), before any byte is written.
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        except OSError as exc:
+            replace_atomically(target, value.encode(), prepare=lambda fd: self._owner_and_mode(fd, current))
+        except FolderNotWritable as exc:
             raise os_error("Cannot write in the folder of the secret file", self.path, exc) from None
-        try:
-            try:
-                self._owner_and_mode(fd, current)
-                data = memoryview(value.encode())
-                while data:
-                    data = data[os.write(fd, data):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(temp, target)
-        except BaseException as exc:
-            try:
-                os.unlink(temp)
-            except OSError:
-                pass
-            if isinstance(exc, OSError):
-                raise os_error("Cannot write the secret file", self.path, exc) from None
-            raise
-        fsync_dir(target.parent)
+        except OSError as exc:
+            raise os_error("Cannot write the secret file", self.path, exc) from None
 
     def _owner_and_mode(self, fd: int, current: os.stat_result | None) -> None:
         """New file: ours, 0600. Existing file: its owner and group; 0640 if it had a group bit, else 0600.

@@ -30,7 +30,6 @@ import socket
 import ssl
 import stat
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from cryptography.hazmat.primitives import serialization
 
 from server.errors import RunyardError, invalid
 from toolkit.db import SILENT, Progress
+from toolkit.files import replace_atomically
 from toolkit.nginx import CHECK_TIMEOUT_S, find_nginx
 
 RELOAD_TIMEOUT_S = 30.0
@@ -163,41 +163,21 @@ def validate_pair(cert_path: str, key_path: str, host: str | None = None) -> _Pa
 # --- 2. files ------------------------------------------------------------------------------------------
 
 def _write_atomic(target: Path, data: bytes, mode: int, like: os.stat_result | None) -> None:
-    """`data` into `target` through a temporary file beside it: `mode` from the first byte, the owner and
-    group of `like`, fsynced, renamed over `target`."""
-    fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)  # 0600
+    """`data` into `target` atomically: `mode` from the first byte, the owner and group of `like`."""
+    def prepare(fd: int) -> None:
+        if like is not None and (like.st_uid, like.st_gid) != (os.geteuid(), os.getegid()):
+            try:
+                os.fchown(fd, like.st_uid, like.st_gid)
+            except PermissionError:
+                raise RunyardError(f"not allowed to give {target} owner id {like.st_uid} and group id "
+                                   f"{like.st_gid} (run as its owner or as root)",
+                                   "PERMISSION_DENIED") from None
+        os.fchmod(fd, mode)
+
     try:
-        with os.fdopen(fd, "wb") as handle:
-            if like is not None and (like.st_uid, like.st_gid) != (os.geteuid(), os.getegid()):
-                try:
-                    os.fchown(handle.fileno(), like.st_uid, like.st_gid)
-                except PermissionError:
-                    raise RunyardError(f"not allowed to give {target} owner id {like.st_uid} and group id "
-                                       f"{like.st_gid} (run as its owner or as root)",
-                                       "PERMISSION_DENIED") from None
-            os.fchmod(handle.fileno(), mode)
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, target)
-    except BaseException as exc:
-        try:
-            os.unlink(temp)
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, OSError):
-            raise _fail(f"cannot write {target}: {exc.strerror or exc}") from None
-        raise
-    try:
-        directory = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(directory)
-    except OSError:
-        pass
-    finally:
-        os.close(directory)
+        replace_atomically(target, data, prepare=prepare)
+    except OSError as exc:
+        raise _fail(f"cannot write {target}: {exc.strerror or exc}") from None
 
 
 @dataclass
